@@ -1,0 +1,180 @@
+"""``vps-eval``: SUN-SEG video metrics and image benchmarks.
+
+Examples::
+
+    vps-eval --split easy --subset unseen --data-root SUN-SEG --pred-root preds/
+    vps-eval --gt-root data/cvc-clinicdb-video --pred-root preds/ --out-dir results/
+    vps-eval --gt-root Kvasir/masks --protocol image --methods runs/a runs/b --all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from eval.metrics import PAPER_COLUMNS, SUMMARY_KEYS
+from eval.protocol import PROTOCOLS, ClipScores, dataset_curves, per_clip_table, score_clips, summarize
+from eval.readers import (
+    SUN_SEG_SPLITS,
+    SUN_SEG_SUBSETS,
+    EvalInputError,
+    find_gt_clips,
+    match_predictions,
+    sun_seg_gt_root,
+)
+
+PROG = "vps-eval"
+PLOTTED_CURVES = (("Fm", "F-beta"), ("Em", "E-phi"), ("Dice", "Dice"))
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one ``vps-eval: error: ...`` line and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=PROG, description="Evaluate segmentation predictions with the SUN-SEG protocol.")
+    data = parser.add_argument_group("data (SUN-SEG: --split/--data-root; any data: --gt-root)")
+    data.add_argument("--split", choices=sorted(SUN_SEG_SPLITS), help="SUN-SEG test split")
+    data.add_argument("--subset", choices=sorted(SUN_SEG_SUBSETS), default="unseen", help="SUN-SEG subset")
+    data.add_argument("--data-root", type=Path, help="SUN-SEG root holding TestEasyDataset/ TestHardDataset/")
+    data.add_argument("--gt-root", type=Path, help="ground truth: <root>/<clip>/[masks/]*.png or <root>/*.png")
+    data.add_argument("--protocol", choices=PROTOCOLS, help="video (default) or image; SUN-SEG is always video")
+    preds = parser.add_mutually_exclusive_group(required=True)
+    preds.add_argument("--pred-root", type=Path, help="predictions: <pred-root>/<clip>/<frame>.png")
+    preds.add_argument("--methods", type=Path, nargs="+", help="several prediction roots, one table row each")
+    parser.add_argument("--missing", choices=("error", "empty"), default="error",
+                        help="missing prediction frames: fail (default) or score them as empty predictions")
+    parser.add_argument("--out-dir", type=Path, help="write per_clip.csv, summary.json, curve plots and a cache")
+    parser.add_argument("--all", action="store_true", help="print every metric, not only the six paper columns")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    return parser
+
+
+def resolve_gt_root(args) -> tuple[Path, str]:
+    """(ground-truth root, protocol) from the arguments; raises EvalInputError on a bad data root."""
+    if args.split:
+        if args.gt_root or args.protocol == "image":
+            raise EvalInputError("--split (SUN-SEG) cannot be combined with --gt-root or --protocol image")
+        if args.data_root is None:
+            raise EvalInputError("--split needs --data-root (the SUN-SEG folder)")
+        return sun_seg_gt_root(args.data_root, args.split, args.subset), "video"
+    if args.gt_root is None:
+        raise EvalInputError("give --split with --data-root (SUN-SEG) or --gt-root")
+    return args.gt_root, args.protocol or "video"
+
+
+def method_names(pred_roots: list[Path]) -> list[str]:
+    """Short unique names for prediction roots: their folder names, made unique with the parent."""
+    names = [p.resolve().name or str(p) for p in pred_roots]
+    if len(set(names)) < len(names):
+        names = [f"{p.resolve().parent.name}_{p.resolve().name}" for p in pred_roots]
+    if len(set(names)) < len(names):
+        names = [f"{i}_{n}" for i, n in enumerate(names)]
+    return names
+
+
+def evaluate_method(gt_root: Path, pred_root: Path, protocol: str, args, name: str) -> list[ClipScores]:
+    """Scores of every clip of one prediction root; raises EvalInputError on missing predictions."""
+    clips = find_gt_clips(gt_root)
+    missing = match_predictions(clips, pred_root)
+    if missing and args.missing == "error":
+        shown = "; ".join(missing[:3]) + ("; ..." if len(missing) > 3 else "")
+        raise EvalInputError(
+            f"predictions missing in {pred_root}: {shown} (use --missing empty to score them as empty)"
+        )
+    if missing:
+        print(f"{PROG}: warning: scoring as empty: {'; '.join(missing)}", file=sys.stderr)
+    cache_dir = args.out_dir / ".cache" / name if args.out_dir else None
+    return score_clips(clips, protocol, workers=max(1, args.workers), cache_dir=cache_dir, description=name)
+
+
+def save_curve_plots(curves_by_method: dict, out_dir: Path) -> list[Path]:
+    """One PNG per plotted curve (F-beta, E-phi, Dice against the threshold index), a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from eval.metrics import CURVE_NAMES
+
+    paths = []
+    thresholds = np.linspace(1, 0, 256)  # column k: 8-bit threshold 255 - k, or float threshold 1 - k / 255
+    for curve, label in PLOTTED_CURVES:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method, curves in curves_by_method.items():
+            ax.plot(thresholds, curves[CURVE_NAMES.index(curve)], label=method)
+        ax.set(xlabel="threshold", ylabel=label, title=f"{label} over thresholds", xlim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        path = out_dir / f"curve_{curve}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(out_dir: Path, summaries: dict, per_clip: dict, curves: dict) -> None:
+    """per_clip.csv (method, clip rows), summary.json (flat keys for one method, else method -> keys), plots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.concat(per_clip, names=["method"])
+    table.to_csv(out_dir / "per_clip.csv")
+    summary = next(iter(summaries.values())) if len(summaries) == 1 else summaries
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_curve_plots(curves, out_dir)
+
+
+def format_table(summaries: dict, show_all: bool) -> str:
+    """Rows = methods, columns = the six paper columns (or every key), 3 decimals for display only."""
+    table = pd.DataFrame.from_dict(summaries, orient="index")
+    table = table[list(SUMMARY_KEYS if show_all else PAPER_COLUMNS)].rename_axis("method")
+    return table.to_string(float_format=lambda v: f"{v:.3f}")
+
+
+def run(args) -> int:
+    gt_root, protocol = resolve_gt_root(args)
+    pred_roots = args.methods or [args.pred_root]
+    names = method_names(pred_roots)
+    summaries, per_clip, curves = {}, {}, {}
+    for name, pred_root in zip(names, pred_roots):
+        clip_scores = evaluate_method(gt_root, pred_root, protocol, args, name)
+        summaries[name] = summarize(clip_scores)
+        per_clip[name] = per_clip_table(clip_scores)
+        curves[name] = dataset_curves(clip_scores)
+    print(format_table(summaries, args.all))
+    if args.out_dir:
+        write_outputs(args.out_dir, summaries, per_clip, curves)
+        print(f"results written to {args.out_dir}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of ``vps-eval``; returns the exit status (2 for bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or an argument error already printed as one line
+        return int(exit_request.code or 0)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (finished clips are cached in --out-dir)", file=sys.stderr)
+        return 130
+    except EvalInputError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. an unwritable --out-dir
+        print(f"{PROG}: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

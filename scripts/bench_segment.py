@@ -1,0 +1,276 @@
+"""Benchmark of ``vps-segment``: the engine against a plain per-frame loop, side by side in one run.
+
+    python scripts/bench_segment.py                      # everything, CPU (several minutes)
+    python scripts/bench_segment.py --only engine light  # a subset
+    python scripts/bench_segment.py --device cuda --sam vit_b --frames 512 --batch-sizes 32 64
+
+Measures (same clip, model and precision on both sides of each ratio):
+  engine   end-to-end frames/s of the engine (decode in a thread, batches, writes) / the plain loop
+           (decode every frame first, then the model on one frame at a time at native size);
+           end-to-end / model-only frames/s (is decoding hidden behind compute?); the batch size sweep
+  bf16     bf16 / fp32 model-only frames/s
+  light    the light model (g + h) end to end, fp32 and bf16
+  memory   peak RSS of vps-segment (light model, a subprocess) on a 300- and a 3000-frame video
+Uses the real clip ../shared/data/cvc-clinicdb-video/<clip>/frames when present (looped to --frames
+frames, 384 x 288), else a synthetic one. Without --checkpoint the model has random weights with the
+default (not tiny) configuration. Everything is written in a temporary folder, removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import vps  # noqa: F401
+from vps.cli.segment import Outputs, Totals, segment_clip
+from vps.inference import SegmentationEngine, per_frame_loop
+from vps.modeling import (
+    AutoSAM, build_prompt_generator, build_surrogate, checkpoint_metadata, load_model_from_checkpoint,
+    save_checkpoint,
+)
+from vps.video import find_clips, open_source, quiet_decoders, write_video
+
+SHARED_CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cvc-clinicdb-video"
+SIZE = (288, 384)  # H, W
+
+
+def hardware() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"nproc {os.cpu_count()}, {cpu}, torch threads {torch.get_num_threads()}{gpu}; "
+            f"torch {torch.__version__}, python {platform.python_version()}; "
+            f"load average {os.getloadavg()[0]:.1f} (shared machine)")
+
+
+def synthetic_frames(count: int, height: int = SIZE[0], width: int = SIZE[1]):
+    """A moving bright disc on a textured dark background, generated lazily."""
+    yy, xx = np.mgrid[:height, :width]
+    background = (20 + 10 * np.sin(xx / 9.0) * np.cos(yy / 7.0)).astype(np.uint8)
+    for i in range(count):
+        frame = np.repeat(background[..., None], 3, axis=2)
+        cx, cy = width * (0.3 + 0.4 * np.sin(i / 20)), height * (0.5 + 0.2 * np.cos(i / 15))
+        frame[(yy - cy) ** 2 + (xx - cx) ** 2 < (height / 6) ** 2] = (220, 120, 100)
+        yield frame
+
+
+def real_frames(count: int):
+    """Frames of the first CVC-ClinicDB clip, looped to ``count``; None when the data are absent."""
+    import cv2
+
+    folders = sorted(SHARED_CLIPS.glob("*/frames")) if SHARED_CLIPS.is_dir() else []
+    if not folders:
+        return None
+    paths = sorted(folders[0].glob("*.png"))
+    frames = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
+    return (frames[i % len(frames)] for i in range(count)), f"CVC-ClinicDB clip {folders[0].parent.name}"
+
+
+def make_clip(folder: Path, count: int) -> tuple:
+    real = real_frames(count)
+    frames, what = real if real else (synthetic_frames(count), "synthetic")
+    path = write_video(folder / "clip.mp4", frames, fps=25, options={"crf": "18", "preset": "veryfast"})
+    return path, f"{what}, {count} frames, {SIZE[1]}x{SIZE[0]}, H.264 mp4"
+
+
+def random_checkpoint(path: Path, sam_backend: str) -> Path:
+    torch.manual_seed(0)
+    generator = build_prompt_generator(pretrained_backbone=False)
+    meta = checkpoint_metadata({}, sam_backend, {"hidden_channels": 64})
+    return save_checkpoint(path, meta, generator, build_surrogate())
+
+
+def load(checkpoint: Path, model: str, sam: str):
+    if model == "autosam" and sam != "litemedsam":
+        from vps.modeling.build_sam import build_sam_vit
+
+        torch.manual_seed(0)  # random SAM ViT weights: speed only
+        light = load_model_from_checkpoint(checkpoint, "light")
+        return AutoSAM(build_sam_vit(sam), light.prompt_generator).eval()
+    return load_model_from_checkpoint(checkpoint, model)
+
+
+def decoded_frames(video: Path) -> torch.Tensor:
+    return torch.from_numpy(np.stack([f for _, f in open_source(find_clips(video)[0])]))
+
+
+def plain_loop_fps(model, video: Path, device: torch.device) -> float:
+    """Decode every frame, then the model one frame at a time (fp32, native size)."""
+    model = copy.deepcopy(model).to(device)
+    start = time.perf_counter()
+    frames = decoded_frames(video)
+    per_frame_loop(model, frames[:1].to(device))  # warm-up is not counted below
+    start_model = time.perf_counter()
+    per_frame_loop(model, frames.to(device)).cpu()
+    end = time.perf_counter()
+    return len(frames) / ((start_model - start) + (end - start_model))
+
+
+def engine(model, device, precision: str, **kwargs) -> SegmentationEngine:
+    return SegmentationEngine(copy.deepcopy(model), device, precision, **kwargs)
+
+
+def warm(eng: SegmentationEngine, frames: torch.Tensor, batch: int) -> None:
+    eng(frames[:batch])
+    if len(frames) % batch:
+        eng(frames[: len(frames) % batch])
+    eng.reset()
+
+
+def model_only_fps(eng: SegmentationEngine, frames: torch.Tensor, batch: int) -> float:
+    if eng.device.type == "cuda":
+        frames = frames.pin_memory()
+    warm(eng, frames, batch)
+    start = time.perf_counter()
+    for i in range(0, len(frames), batch):
+        eng(frames[i:i + batch])
+    return len(frames) / (time.perf_counter() - start)
+
+
+def end_to_end_fps(eng: SegmentationEngine, video: Path, frames: torch.Tensor, batch: int, out: Path) -> float:
+    """The vps-segment path (prefetching reader, engine, mask video writer), model already loaded."""
+    warm(eng, frames, batch)
+    args = Namespace(decoder="decord", fps=25.0, threshold=0.5, overwrite=True, batch_size=batch, quiet=True)
+    clip = find_clips(video)[0]
+    start = time.perf_counter()
+    segment_clip(clip, Outputs(mask=out / "masks.mp4"), eng, args, Totals())
+    return decoded_count(video) / (time.perf_counter() - start)
+
+
+def decoded_count(video: Path) -> int:
+    return open_source(find_clips(video)[0]).info.num_frames
+
+
+def peak_rss_mb(argv: list, report: Path) -> float:
+    """Run vps-segment in a fresh process; its peak RSS (VmHWM of /proc/self/status at exit), in MB.
+
+    (getrusage of the children would include the RSS of this process, which a fork inherits.)
+    """
+    script = ("import sys; from pathlib import Path; from vps.cli.segment import main; code = main(sys.argv[2:]); "
+              "Path(sys.argv[1]).write_text(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')));"
+              " sys.exit(code)")
+    subprocess.run([sys.executable, "-c", script, str(report), *map(str, argv)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return int(report.read_text().split()[1]) / 1024
+
+
+def row(name: str, value: str, note: str = "") -> None:
+    print(f"  {name:<46} {value:>14}  {note}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=("engine", "bf16", "light", "memory"),
+                        default=["engine", "bf16", "light", "memory"])
+    parser.add_argument("--checkpoint", type=Path, help="g/h checkpoint (default: random weights, default config)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sam", default="litemedsam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"))
+    parser.add_argument("--frames", type=int, default=12, help="frames of the AutoSAM clip (12)")
+    parser.add_argument("--light-frames", type=int, default=200, help="frames of the light-model clip (200)")
+    parser.add_argument("--long-frames", type=int, nargs=2, default=[300, 3000], help="memory test lengths")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="engine batch sizes to compare (default: 1 2 4 on CPU, 16 32 64 on CUDA)")
+    parser.add_argument("--precision", default="fp32", help="precision of the engine ratio (fp32)")
+    args = parser.parse_args(argv)
+    quiet_decoders()
+    device = torch.device(args.device)
+    batches = args.batch_sizes or ([16, 32, 64] if device.type == "cuda" else [1, 2, 4])
+    print(f"hardware: {hardware()}")
+    with tempfile.TemporaryDirectory(prefix="vps-bench-") as tmp:
+        tmp = Path(tmp)
+        checkpoint = args.checkpoint or random_checkpoint(tmp / "random.pt", args.sam)
+        print(f"model: {'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'random weights, default config'}"
+              f", SAM {args.sam}, device {device}")
+
+        if "engine" in args.only or "bf16" in args.only:
+            video, what = make_clip(tmp, args.frames)
+            print(f"clip: {what}")
+            model = load(checkpoint, "autosam", args.sam)
+            frames = decoded_frames(video)
+            results = {}
+            if "engine" in args.only:
+                print(f"AutoSAM ({args.sam}), {args.precision}:")
+                plain = plain_loop_fps(model, video, device) if args.precision == "fp32" else None
+                if plain:
+                    row("plain per-frame loop (decode all, then model)", f"{plain:.3f} f/s", "baseline")
+                for batch in batches:
+                    eng = engine(model, device, args.precision)
+                    results[batch] = model_only_fps(eng, frames, batch)
+                    row(f"engine model-only, batch {batch}", f"{results[batch]:.3f} f/s")
+                best = max(results, key=results.get)
+                eng = engine(model, device, args.precision)
+                e2e = end_to_end_fps(eng, video, frames, best, tmp)
+                row(f"engine end to end (vps-segment), batch {best}", f"{e2e:.3f} f/s")
+                if plain:
+                    row("  ratio end-to-end / plain loop", f"{e2e / plain:.2f}x", "target >= 1.5x")
+                row("  ratio end-to-end / model-only", f"{e2e / results[best]:.0%}", "target >= 90%")
+                unopt = engine(model, device, args.precision, optimize=False)
+                row(f"engine without channels-last/fusion, batch {best}",
+                    f"{model_only_fps(unopt, frames, best):.3f} f/s", "ablation")
+            if "bf16" in args.only:
+                low = "bf16" if device.type == "cpu" else "fp16"
+                batch = max(results, key=results.get) if results else batches[0]
+                fp32 = results.get(batch) if args.precision == "fp32" and results else None
+                if fp32 is None:
+                    fp32 = model_only_fps(engine(model, device, "fp32"), frames, batch)
+                half = model_only_fps(engine(model, device, low), frames, batch)
+                print(f"AutoSAM ({args.sam}) precision, batch {batch}, model-only:")
+                row("fp32", f"{fp32:.3f} f/s")
+                row(low, f"{half:.3f} f/s")
+                row(f"  ratio {low} / fp32", f"{half / fp32:.2f}x")
+                if low == "bf16":
+                    eng = engine(model, device, "bf16")
+                    row("bf16 end to end (vps-segment)", f"{end_to_end_fps(eng, video, frames, batch, tmp):.3f} f/s")
+
+        if "light" in args.only:
+            (tmp / "light").mkdir()
+            video, what = make_clip(tmp / "light", args.light_frames)
+            print(f"light model (g + h), clip: {what}")
+            model = load(checkpoint, "light", args.sam)
+            frames = decoded_frames(video)
+            light_batches = [1, 4, 8] if device.type == "cpu" else batches
+            for precision in ("fp32", "bf16"):
+                rates = {b: model_only_fps(engine(model, device, precision), frames, b) for b in light_batches}
+                best = max(rates, key=rates.get)
+                e2e = end_to_end_fps(engine(model, device, precision), video, frames, best, tmp)
+                row(f"{precision} model-only, batch " + "/".join(map(str, rates)),
+                    "/".join(f"{r:.1f}" for r in rates.values()) + " f/s")
+                row(f"{precision} end to end, batch {best}", f"{e2e:.1f} f/s", "goal 25 f/s at 384x288 on CPU")
+
+        if "memory" in args.only:
+            print("peak memory of vps-segment (light model, bf16, batch 8, subprocess):")
+            peaks = []
+            for count in args.long_frames:
+                video = write_video(tmp / f"long{count}.mp4", synthetic_frames(count), fps=25,
+                                    options={"crf": "23", "preset": "ultrafast"})
+                start = time.perf_counter()
+                peak = peak_rss_mb([video, "--out", tmp / f"long{count}_mask.mp4", "--png-dir", tmp / "png",
+                                    "--model", "light", "--checkpoint", checkpoint, "--precision", "bf16",
+                                    "--batch-size", 8, "--quiet", "--device", args.device, "--overwrite"],
+                                   tmp / "rss.txt")
+                peaks.append(peak)
+                row(f"{count} frames", f"{peak:.0f} MB", f"{count / (time.perf_counter() - start):.1f} f/s "
+                    "with process start-up")
+            row("  growth", f"{peaks[-1] - peaks[0]:+.0f} MB", "target < 50 MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

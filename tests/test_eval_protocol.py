@@ -1,0 +1,112 @@
+"""Frame dropping, clip weighting, natural order, caching (eval.protocol, eval.readers)."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from eval.metrics import SCALAR_NAMES, score_frame, summarize_curves
+from eval.protocol import ClipScores, clip_cache_key, frames_to_score, score_clips, summarize
+from eval.readers import Clip, find_gt_clips, frame_sort_key, match_predictions
+
+
+def write_clip(root: Path, clip: str, n: int, value_of_frame=lambda i: 255, stem=lambda i: f"{i + 1:03d}"):
+    """Clip of n 8x8 frames: gt has a 4x4 square, pred a square of grey value_of_frame(i)."""
+    (root / "gt" / clip).mkdir(parents=True, exist_ok=True)
+    (root / "pred" / clip).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        gt = np.zeros((8, 8), np.uint8)
+        gt[2:6, 2:6] = 255
+        pred = np.zeros((8, 8), np.uint8)
+        pred[2:6, 2 + i % 3 : 6 + i % 3] = value_of_frame(i)
+        cv2.imwrite(str(root / "gt" / clip / f"{stem(i)}.png"), gt)
+        cv2.imwrite(str(root / "pred" / clip / f"{stem(i)}.png"), pred)
+
+
+def test_natural_sort_by_trailing_frame_number():
+    names = ["case1_3_a_10.jpg", "case1_3_a_2.jpg", "case1_3_a_1.jpg", "case1_3_b_3.jpg"]
+    ordered = [p.name for p in sorted(map(Path, names), key=frame_sort_key)]
+    assert ordered == ["case1_3_a_1.jpg", "case1_3_a_2.jpg", "case1_3_b_3.jpg", "case1_3_a_10.jpg"]
+    assert [p.name for p in sorted(map(Path, ["10.png", "9.png", "100.png"]), key=frame_sort_key)] == [
+        "9.png", "10.png", "100.png",
+    ]  # fmt: skip
+
+
+def test_video_protocol_drops_first_and_last_frame():
+    clip = Clip("c", [Path(f"{i}.png") for i in range(5)], [Path(f"p{i}.png") for i in range(5)])
+    kept = frames_to_score(clip, "video")
+    assert [p.name for p in kept.gt_frames] == ["1.png", "2.png", "3.png"]
+    assert [p.name for p in kept.predictions] == ["p1.png", "p2.png", "p3.png"]
+    assert frames_to_score(clip, "image").gt_frames == clip.gt_frames
+
+
+def test_every_clip_weighs_the_same():
+    one = ClipScores("a", np.zeros((1, len(SCALAR_NAMES))), np.zeros((1, 6, 256)))
+    many = ClipScores("b", np.ones((9, len(SCALAR_NAMES))), np.ones((9, 6, 256)))
+    summary = summarize([one, many])
+    assert summary["Smeasure"] == pytest.approx(0.5)
+    assert summary["maxDice"] == pytest.approx(0.5)
+
+
+def test_max_is_taken_on_the_averaged_curve():
+    curves_a = np.zeros((1, 6, 256))
+    curves_b = np.zeros((1, 6, 256))
+    curves_a[0, 4, 10] = 1.0  # Dice peaks at different thresholds in the two clips
+    curves_b[0, 4, 20] = 1.0
+    scalars = np.zeros((1, len(SCALAR_NAMES)))
+    summary = summarize([ClipScores("a", scalars, curves_a), ClipScores("b", scalars, curves_b)])
+    assert summary["maxDice"] == pytest.approx(0.5)
+    assert summary["meanDice"] == pytest.approx(1 / 256)
+
+
+def test_clip_scores_match_per_frame_average(tmp_path):
+    write_clip(tmp_path, "c1", 6, value_of_frame=lambda i: 80 + 30 * i)
+    write_clip(tmp_path, "c2", 3)
+    clips = find_gt_clips(tmp_path / "gt")
+    assert match_predictions(clips, tmp_path / "pred") == []
+    scored = score_clips(clips, "video")
+    assert [c.n_frames for c in scored] == [4, 1]
+    frames = []
+    for gt, pred in zip(clips[0].gt_frames[1:-1], clips[0].predictions[1:-1]):
+        frames.append(score_frame(cv2.imread(str(pred), 0), cv2.imread(str(gt), 0)))
+    expected = summarize_curves(np.mean([f.scalars for f in frames], 0), np.mean([f.curves for f in frames], 0))
+    clip_one = summarize([scored[0]])
+    for key, value in expected.items():
+        assert clip_one[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_parallel_equals_serial_and_cache_is_reused(tmp_path):
+    for c in range(3):
+        write_clip(tmp_path, f"clip{c}", 5 + c, value_of_frame=lambda i: 60 + 20 * i)
+    clips = find_gt_clips(tmp_path / "gt")
+    match_predictions(clips, tmp_path / "pred")
+    serial = score_clips(clips, "video", workers=1, cache_dir=tmp_path / "cache")
+    parallel = score_clips(clips, "video", workers=2)
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a.scalars, b.scalars)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    # a cached clip is read back, not recomputed: poison the cache and see it returned
+    cached = np.load(tmp_path / "cache" / "clip0.npz")
+    np.savez(tmp_path / "cache" / "clip0.npz", key=cached["key"], scalars=cached["scalars"] + 1, curves=cached["curves"])
+    again = score_clips(clips, "video", cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again[0].scalars, serial[0].scalars + 1)
+
+
+def test_cache_key_changes_with_files_and_protocol(tmp_path):
+    write_clip(tmp_path, "c", 4)
+    clip = find_gt_clips(tmp_path / "gt")[0]
+    match_predictions([clip], tmp_path / "pred")
+    key = clip_cache_key(clip, "video")
+    assert clip_cache_key(clip, "image") != key
+    cv2.imwrite(str(clip.predictions[1]), np.full((8, 8), 7, np.uint8))
+    assert clip_cache_key(clip, "video") != key
+
+
+def test_masks_subfolder_layout(tmp_path):
+    (tmp_path / "01" / "masks").mkdir(parents=True)
+    (tmp_path / "01" / "frames").mkdir()
+    cv2.imwrite(str(tmp_path / "01" / "masks" / "001.png"), np.zeros((4, 4), np.uint8))
+    cv2.imwrite(str(tmp_path / "01" / "frames" / "001.png"), np.zeros((4, 4), np.uint8))
+    clips = find_gt_clips(tmp_path)
+    assert [(c.name, [p.parent.name for p in c.gt_frames]) for c in clips] == [("01", ["masks"])]

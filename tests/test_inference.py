@@ -1,0 +1,97 @@
+"""The batched inference engine against the plain per-frame loop, smoothing, precision checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vps  # noqa: F401
+from test_video_io import moving_disc
+from vps.inference import (
+    ExponentialSmoother, SegmentationEngine, autocast_dtype, fuse_conv_bn, model_input_size, per_frame_loop,
+    resolve_device, threshold_uint8,
+)
+
+
+@pytest.fixture
+def frames() -> torch.Tensor:
+    return torch.from_numpy(moving_disc(5, 96, 72))
+
+
+@pytest.mark.parametrize("name", ["tiny_light", "tiny_autosam"])
+def test_batched_engine_equals_per_frame_loop(request, frames, name):
+    batch_size = 2  # batches of 2 and a last one of 1
+    model = request.getfixturevalue(name)
+    expected = per_frame_loop(model, frames)
+    engine = SegmentationEngine(copy.deepcopy(model), "cpu", "fp32")
+    got = torch.cat([engine(frames[i:i + batch_size]) for i in range(0, len(frames), batch_size)])
+    assert got.shape == (5, 72, 96) and got.dtype == torch.uint8
+    assert (got.int() - expected.int()).abs().max() <= 1
+
+
+def test_engine_without_optimisations_is_exact(tiny_light, frames):
+    engine = SegmentationEngine(copy.deepcopy(tiny_light), "cpu", "fp32", optimize=False, resize_on_device=False)
+    assert torch.equal(engine(frames), per_frame_loop(tiny_light, frames))
+
+
+def test_bf16_is_close_to_fp32(tiny_light, frames):
+    fp32 = SegmentationEngine(copy.deepcopy(tiny_light), "cpu", "fp32")(frames)
+    bf16 = SegmentationEngine(copy.deepcopy(tiny_light), "cpu", "bf16")(frames)
+    assert (fp32.int() - bf16.int()).abs().float().mean() < 4
+
+
+def test_input_size(tiny_light, tiny_autosam):
+    assert model_input_size(tiny_light) == 64
+    assert model_input_size(tiny_autosam) == 64  # tiny SAM and tiny g both take 64 x 64
+    tiny_autosam.sam.image_size = 128
+    assert model_input_size(tiny_autosam) is None
+
+
+def test_fuse_conv_bn_keeps_tinyvit_outputs():
+    from vps.modeling.build_sam import build_litemedsam
+
+    torch.manual_seed(0)
+    encoder = build_litemedsam(pretrained=False).image_encoder.eval()
+    for module in encoder.modules():  # non-trivial BatchNorm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    image = torch.rand(1, 3, 256, 256)
+    with torch.inference_mode():
+        before = encoder(image)
+        assert fuse_conv_bn(encoder) > 10
+        after = encoder(image)
+    assert torch.allclose(before, after, atol=1e-3, rtol=1e-3)
+
+
+def test_smoother():
+    assert torch.equal(ExponentialSmoother(0)(torch.ones(3, 2, 2)), torch.ones(3, 2, 2))
+    smoother = ExponentialSmoother(3)  # alpha 0.5
+    step = torch.tensor([0.0, 1.0, 1.0, 1.0]).view(4, 1, 1)
+    assert smoother(step).flatten().tolist() == [0.0, 0.5, 0.75, 0.875]
+    # the state carries over batches of the same clip, and reset() forgets it
+    assert smoother(torch.ones(1, 1, 1)).item() == 0.9375
+    smoother.reset()
+    assert smoother(torch.ones(1, 1, 1)).item() == 1.0
+
+
+def test_precision_and_device_checks():
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        autocast_dtype("fp16", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_threshold_uint8_matches_probabilities():
+    assert threshold_uint8(0.5) == 128
+    p = torch.linspace(0, 1, 10001)
+    maps = (p * 255).round()
+    # the 8-bit map thresholded at threshold_uint8 differs from p >= 0.5 only within half a level
+    disagree = p[(maps >= threshold_uint8(0.5)) != (p >= 0.5)]
+    assert disagree.numel() == 0 or (disagree - 0.5).abs().max() < 1 / 255

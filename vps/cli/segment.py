@@ -1,0 +1,333 @@
+"""``vps-segment``: segment polyps in colonoscopy videos, frame folders or SUN-SEG style roots.
+
+    vps-segment clip.mp4 --out masks.mp4 [--png-dir pngs] [--overlay overlay.mp4]
+    vps-segment a.mp4 b.mp4 frames/ --out-dir OUT        # OUT/<case>_mask.mp4 for each clip
+    torchrun --nproc-per-node 4 -m vps.cli.segment SUN-SEG/TestHardDataset --out-dir OUT
+
+See docs/segment.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+PROG = "vps-segment"
+
+
+class UsageError(ValueError):
+    """A bad combination of options: one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Segment polyps in colonoscopy videos with AutoSAM (no prompt needed).",
+        epilog="Masks are lossless (H.264 qp 0, grey); see docs/segment.md.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="video files (mp4, avi, mov, mkv), frame folders, or SUN-SEG style roots")
+    out = parser.add_argument_group("outputs (at least one)")
+    out.add_argument("--out", type=Path, help="mask video for a single clip (binary, 0/255, lossless)")
+    out.add_argument("--out-dir", type=Path, help="for many clips: writes <DIR>/<case>_mask.mp4 for each")
+    out.add_argument("--png-dir", type=Path, help="8-bit probability maps as <DIR>/<case>/<frame>.png")
+    out.add_argument("--overlay", nargs="?", const="auto", metavar="PATH",
+                     help="video of the frames with the mask tinted and outlined; without PATH: "
+                          "<DIR>/<case>_overlay.mp4 with --out-dir, else <out stem>_overlay.mp4")
+    out.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=("autosam", "light"), default="autosam",
+                       help="autosam: g + frozen SAM (default); light: g + surrogate decoder h, no SAM")
+    model.add_argument("--checkpoint", type=Path, help="g/h checkpoint (default: the built-in model)")
+    model.add_argument("--sam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"),
+                       help="SAM backend (default: the checkpoint's)")
+    model.add_argument("--sam-checkpoint", type=Path, help="weights of SAM vit_* (LiteMedSAM's are installed)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                     help="autocast precision; fp16 on CUDA only (default fp32)")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="frames per model call (default: 32 on CUDA; on CPU 1 for autosam, 8 for light)")
+    run.add_argument("--threshold", type=float, default=0.5, help="sigmoid threshold of binary masks (0.5)")
+    run.add_argument("--smooth", type=int, default=0, metavar="N",
+                     help="exponential moving average of the probabilities over ~N frames (off)")
+    run.add_argument("--decoder", choices=("decord", "av"), default="decord",
+                     help="video decoder; PyAV is the fallback when decord cannot open a file")
+    run.add_argument("--fps", type=float, default=25.0, help="frame rate of outputs for frame folders (25)")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Outputs:
+    """Where one clip's results go (None: not written)."""
+
+    mask: Optional[Path] = None
+    overlay: Optional[Path] = None
+    png_root: Optional[Path] = None
+
+    def describe(self, case: str) -> List[str]:
+        parts = []
+        if self.mask:
+            parts.append(f"masks {self.mask}")
+        if self.png_root:
+            parts.append(f"pngs {self.png_root / case}")
+        if self.overlay:
+            parts.append(f"overlay {self.overlay}")
+        return parts
+
+
+def plan_outputs(args: argparse.Namespace, clips: list) -> List[Outputs]:
+    """The output paths of each clip, from --out/--out-dir/--png-dir/--overlay."""
+    if not (args.out or args.out_dir or args.png_dir or args.overlay):
+        raise UsageError("nothing to write: give --out, --out-dir, --png-dir or --overlay")
+    if args.out and args.out_dir:
+        raise UsageError("give --out (one clip) or --out-dir (many clips), not both")
+    if args.out and len(clips) > 1:
+        raise UsageError(f"--out names one file but the inputs hold {len(clips)} clips; use --out-dir")
+    if args.overlay not in (None, "auto") and len(clips) > 1:
+        raise UsageError(f"--overlay PATH names one file but the inputs hold {len(clips)} clips; "
+                         "use --out-dir with --overlay")
+    plans = []
+    for clip in clips:
+        plan = Outputs(png_root=args.png_dir)
+        if args.out_dir:
+            plan.mask = args.out_dir / f"{clip.case}_mask.mp4"
+        elif args.out:
+            plan.mask = args.out
+        if args.overlay == "auto":
+            if args.out_dir:
+                plan.overlay = args.out_dir / f"{clip.case}_overlay.mp4"
+            elif args.out:
+                plan.overlay = args.out.with_name(f"{args.out.stem}_overlay.mp4")
+            else:
+                raise UsageError("--overlay without PATH needs --out or --out-dir")
+        elif args.overlay:
+            plan.overlay = Path(args.overlay)
+        for video in (plan.mask, plan.overlay):
+            if video is not None and video.suffix.lower() not in (".mp4", ".mkv", ".mov"):
+                raise UsageError(f"{video}: output videos must end in .mp4, .mkv or .mov")
+        plans.append(plan)
+    cases = [clip.case for clip in clips]
+    duplicates = sorted({c for c in cases if cases.count(c) > 1})
+    if duplicates and (args.out_dir or args.png_dir):
+        raise UsageError(f"two inputs have the same case name '{duplicates[0]}'; their outputs would collide")
+    return plans
+
+
+def check_outputs(plans: List[Outputs], clips: list, overwrite: bool) -> None:
+    from vps.video import check_output
+
+    for plan, clip in zip(plans, clips):
+        for path in (plan.mask, plan.overlay):
+            if path is not None:
+                check_output(path, overwrite)
+        if plan.png_root is not None:
+            check_output(plan.png_root / clip.case, overwrite)
+
+
+class OutputSink:
+    """Writes results in a background thread (video encoding and PNG compression overlap the model).
+
+    ``write`` queues a batch; an error in the thread is raised by the next ``write`` or ``close``.
+    ``close`` renames every output to its final name; ``abort`` removes the temporary files.
+    """
+
+    def __init__(self, plan: Outputs, case: str, info, threshold8: int, overwrite: bool, depth: int = 4) -> None:
+        from vps.video import MaskVideoWriter, OverlayVideoWriter, PngWriter
+
+        self.threshold8 = threshold8
+        self.writers = []
+        try:
+            self.mask = MaskVideoWriter(plan.mask, info) if plan.mask else None
+            self.writers.append(self.mask)
+            self.overlay = OverlayVideoWriter(plan.overlay, info) if plan.overlay else None
+            self.writers.append(self.overlay)
+            self.png = PngWriter(plan.png_root, case, overwrite) if plan.png_root else None
+            self.writers.append(self.png)
+        except BaseException:
+            self.abort()
+            raise
+        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._work, name="vps-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain after a failure
+            try:
+                self._write(*item)
+            except BaseException as error:
+                self._error = error
+
+    def _write(self, names: List[str], frames: np.ndarray, maps: np.ndarray) -> None:
+        masks = np.where(maps >= self.threshold8, np.uint8(255), np.uint8(0))
+        for i, name in enumerate(names):
+            if self.mask:
+                self.mask.write(masks[i])
+            if self.overlay:
+                self.overlay.write(frames[i], masks[i])
+            if self.png:
+                self.png.write(name, maps[i])
+
+    def write(self, names: List[str], frames: np.ndarray, maps: np.ndarray) -> None:
+        """names: B frame names; frames: B x H x W x 3 uint8 RGB; maps: B x H x W uint8 probabilities."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((names, frames, maps))
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def close(self) -> None:
+        self._finish()
+        if self._error is not None:
+            raise self._error
+        for writer in self.writers:
+            if writer is not None:
+                writer.close()
+
+    def abort(self) -> None:
+        if hasattr(self, "_thread"):
+            self._finish()
+        for writer in self.writers:
+            if writer is not None:
+                writer.abort()
+
+
+# ---- running -----------------------------------------------------------------------------------
+
+
+def load_model(args: argparse.Namespace):
+    from vps.modeling import CheckpointError, default_checkpoint_path, load_model_from_checkpoint
+
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = default_checkpoint_path()
+        if not checkpoint.is_file():
+            raise CheckpointError(f"the built-in model {checkpoint} is not installed; pass --checkpoint FILE")
+    return load_model_from_checkpoint(checkpoint, model=args.model, sam_backend=args.sam,
+                                      sam_checkpoint=args.sam_checkpoint)
+
+
+@dataclass
+class Totals:
+    frames: int = 0
+    clips: int = 0
+    written: List[str] = field(default_factory=list)
+
+
+def segment_clip(clip, plan: Outputs, engine, args: argparse.Namespace, totals: Totals, progress_position: int = 0
+                 ) -> None:
+    """Stream one clip through the engine into its outputs."""
+    from tqdm import tqdm
+
+    from vps.inference import threshold_uint8
+    from vps.video import Prefetcher, open_source
+
+    source = open_source(clip, args.decoder, Fraction(args.fps).limit_denominator(1001))
+    engine.reset()
+    sink = OutputSink(plan, clip.case, source.info, threshold_uint8(args.threshold), args.overwrite)
+    bar = tqdm(total=source.info.num_frames, desc=clip.case, unit="frame", file=sys.stderr,
+               disable=args.quiet, dynamic_ncols=True, leave=False, position=progress_position)
+    try:
+        with Prefetcher(source, args.batch_size, pin_memory=engine.device.type == "cuda") as reader:
+            for batch in reader:
+                maps = engine(batch.frames).numpy()
+                sink.write(batch.names, batch.frames.numpy(), maps)
+                bar.update(len(batch.names))
+                totals.frames += len(batch.names)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        bar.close()
+    totals.clips += 1
+    totals.written.extend(plan.describe(clip.case))
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import vps  # noqa: F401  (torchvision fix before the model code loads)
+    from vps.inference import SegmentationEngine, resolve_device, threshold_uint8
+    from vps.video import distributed_env, find_clips, quiet_decoders, shard
+
+    quiet_decoders()
+    rank, world, local_rank = distributed_env()
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if args.smooth < 0:
+        raise UsageError("--smooth must be 0 (off) or a number of frames")
+    threshold_uint8(args.threshold)
+    device = resolve_device(args.device, local_rank)
+    if args.batch_size is None:
+        # measured on a 2-core CPU: AutoSAM is fastest one frame at a time, the light model in batches
+        args.batch_size = 32 if device.type == "cuda" else (8 if args.model == "light" else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clips = [clip for path in args.inputs for clip in find_clips(path)]
+    plans = plan_outputs(args, clips)
+    mine = shard(list(zip(clips, plans)), rank, world)
+    prefix = f"{PROG} [rank {rank}/{world}]" if world > 1 else PROG
+    if not mine:
+        print(f"{prefix}: no clips for this rank ({len(clips)} clips, {world} ranks)", file=sys.stderr)
+        return 0
+    check_outputs([p for _, p in mine], [c for c, _ in mine], args.overwrite)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = load_model(args)
+    engine = SegmentationEngine(model, device, args.precision, smooth=args.smooth)
+    totals = Totals()
+    start = time.perf_counter()
+    for clip, plan in mine:
+        segment_clip(clip, plan, engine, args, totals)
+    seconds = time.perf_counter() - start
+    rate = totals.frames / seconds if seconds > 0 else float("inf")
+    where = "; ".join(totals.written) if totals.clips <= 3 else "; ".join(totals.written[:3]) + "; ..."
+    print(f"{prefix}: {totals.frames} frames from {totals.clips} clip(s) in {seconds:.1f} s "
+          f"({rate:.1f} frames/s) on {device}, {args.precision}; {where}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from vps.video import InputError
+
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; unfinished outputs were removed", file=sys.stderr)
+        return 130
+    except (InputError, UsageError, ValueError, OSError) as error:  # CheckpointError is a ValueError
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, OSError) and getattr(error, "filename", None):
+            message = f"{error.filename}: {error.strerror}"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Batched inference: uint8 frames -> device -> autocast -> mask logits -> 8-bit probability maps.
+
+The engine resizes frames once on the device to the model's input size when every part of the
+model uses the same one (LiteMedSAM and g both take 256 x 256), instead of letting SAM and g each
+resize the full frame; the logits are upsampled back to the frame size on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vps.modeling import AutoSAM, LightModel
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: cuda:LOCAL_RANK when CUDA is present, else cpu. ``cuda`` also means cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``fp32|bf16|fp16`` (None = no autocast); fp16 is CUDA only."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{precision}'; expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    return PRECISIONS[precision]
+
+
+def fuse_conv_bn(model: nn.Module) -> int:
+    """Fold TinyViT's ``Conv2d_BN`` pairs (in eval mode) into single convolutions, in place.
+
+    Returns the number of pairs fused. The result equals the unfused model up to rounding.
+    """
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "Conv2d_BN" and hasattr(child, "fuse"):
+                setattr(parent, name, child.fuse())
+                count += 1
+    return count
+
+
+def optimize_for_inference(model: nn.Module, device: torch.device, channels_last: bool = True,
+                           fuse: bool = True) -> nn.Module:
+    """Eval mode, on ``device``, Conv+BN folded, channels-last weights (faster convolutions on CPU and GPU)."""
+    model = model.eval()
+    if fuse:
+        fuse_conv_bn(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def model_input_size(model: nn.Module) -> Optional[int]:
+    """The square side every part of the model resizes its input to, or None when they differ."""
+    if isinstance(model, LightModel):
+        return model.prompt_generator.input_size
+    if isinstance(model, AutoSAM) and model.sam.image_size == model.prompt_generator.input_size:
+        return model.sam.image_size
+    return None
+
+
+def probabilities_to_uint8(probabilities: torch.Tensor) -> torch.Tensor:
+    """Probabilities in [0, 1] -> round(255 p) as uint8 (never normalised per frame)."""
+    return (probabilities * 255).round_().to(torch.uint8)
+
+
+def threshold_uint8(threshold: float) -> int:
+    """The 8-bit level a probability map is binarised at: mask = map >= this (0.5 -> 128).
+
+    Binary masks are derived from the 8-bit maps so that a PNG map thresholded here gives exactly
+    the mask written to the mask video.
+    """
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    return max(1, math.ceil(threshold * 255))
+
+
+class ExponentialSmoother:
+    """Causal exponential moving average of probability maps across frames.
+
+    ``span`` N gives alpha = 2 / (N + 1): p'_t = alpha p_t + (1 - alpha) p'_{t-1}. Flicker drops,
+    and a mask follows motion with a lag of about (N - 1) / 2 frames. ``span`` <= 1 is a no-op.
+    """
+
+    def __init__(self, span: int) -> None:
+        self.alpha = 2.0 / (span + 1) if span > 1 else 1.0
+        self.state: Optional[torch.Tensor] = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def __call__(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """B x H x W probabilities (consecutive frames) -> smoothed, same shape."""
+        if self.alpha >= 1.0:
+            return probabilities
+        out = torch.empty_like(probabilities)
+        for i, frame in enumerate(probabilities):
+            self.state = frame if self.state is None else torch.lerp(self.state, frame, self.alpha)
+            out[i] = self.state
+        return out
+
+
+class SegmentationEngine:
+    """Runs a model on batches of uint8 frames and returns 8-bit probability maps.
+
+    Arguments:
+      model: AutoSAM, LightModel, or any module mapping B x 3 x H x W in [0, 1] to B x 1 x H x W logits.
+      device: where the model runs.
+      precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 on CUDA only).
+      smooth: span of the exponential smoothing across frames (0 or 1: off).
+      optimize: fold Conv+BN and use channels-last (see ``optimize_for_inference``); modifies ``model``.
+      resize_on_device: resize frames once to the model's input size before the model.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
+                 smooth: int = 0, optimize: bool = True, resize_on_device: bool = True) -> None:
+        self.device = torch.device(device)
+        self.dtype = autocast_dtype(precision, self.device)
+        self.channels_last = optimize
+        self.model = optimize_for_inference(model, self.device, channels_last=optimize, fuse=optimize)
+        self.input_size = model_input_size(model) if resize_on_device else None
+        self.smoother = ExponentialSmoother(smooth)
+
+    def reset(self) -> None:
+        """Forget the smoothing state (call between clips)."""
+        self.smoother.reset()
+
+    def images(self, frames: torch.Tensor) -> torch.Tensor:
+        """B x H x W x 3 uint8 (CPU, pinned on CUDA) -> B x 3 x h x w float in [0, 1] on the device."""
+        images = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        if self.input_size is not None and images.shape[-2:] != (self.input_size, self.input_size):
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    @torch.inference_mode()
+    def logits(self, frames: torch.Tensor) -> torch.Tensor:
+        """B x H x W x 3 uint8 -> B x H x W float32 logits at the frames' size, on the device."""
+        size = tuple(frames.shape[1:3])
+        images = self.images(frames)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            if isinstance(self.model, (AutoSAM, LightModel)):
+                logits = self.model(images, output_size=size)
+            else:
+                logits = self.model(images)
+        logits = logits.float()
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits[:, 0]
+
+    @torch.inference_mode()
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        """B x H x W x 3 uint8 -> B x H x W uint8 probability maps (sigmoid x 255, smoothed), on the CPU."""
+        probabilities = self.smoother(torch.sigmoid(self.logits(frames)))
+        return probabilities_to_uint8(probabilities).cpu()
+
+
+@torch.no_grad()
+def per_frame_loop(model: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+    """Reference: the model on one frame at a time at native size, fp32, no engine tricks.
+
+    frames: N x H x W x 3 uint8. Returns N x H x W uint8 probability maps.
+    """
+    outputs = []
+    for frame in frames:
+        image = frame.permute(2, 0, 1)[None].float() / 255
+        outputs.append(probabilities_to_uint8(torch.sigmoid(model(image)[0, 0])))
+    return torch.stack(outputs)

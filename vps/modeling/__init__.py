@@ -1,0 +1,24 @@
+"""Models: frozen SAM backends, the prompt generator g, the surrogate decoder h, AutoSAM."""
+
+from vps.modeling.autosam import AutoSAM, LightModel
+from vps.modeling.build import (
+    build_autosam,
+    build_prompt_generator,
+    build_surrogate,
+    checkpoint_metadata,
+    default_checkpoint_path,
+    load_model_from_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from vps.modeling.build_sam import SAM_BACKENDS, CheckpointError, build_sam
+from vps.modeling.prompt_generator import PromptGenerator
+from vps.modeling.sam import FrozenSam
+from vps.modeling.surrogate import SurrogateDecoder
+
+__all__ = [
+    "AutoSAM", "LightModel", "FrozenSam", "PromptGenerator", "SurrogateDecoder", "CheckpointError",
+    "SAM_BACKENDS", "build_sam", "build_autosam", "build_prompt_generator", "build_surrogate",
+    "checkpoint_metadata", "save_checkpoint", "read_checkpoint", "load_model_from_checkpoint",
+    "default_checkpoint_path",
+]

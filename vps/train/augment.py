@@ -1,0 +1,61 @@
+"""Augmentation from config: cached geometric views, photometric jitter, exact geometric transforms.
+
+With the embedding cache, SAM's embedding of every (image, view) pair is computed once, so the
+geometric augmentation is restricted to the cached views (flips, 90-degree rotations) and the
+photometric augmentation reaches g's input only. Without the cache, the full recipe (flips, affine
+rotation and scale, colour jitter) is applied to the image that both g and SAM see.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torchvision.transforms.v2 as T
+from torchvision import tv_tensors
+
+# A view acts on the last two axes (H, W) of a tensor; all keep a square image square.
+VIEWS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "hflip": lambda x: x.flip(-1),
+    "vflip": lambda x: x.flip(-2),
+    "rot90": lambda x: x.rot90(1, (-2, -1)),
+    "rot180": lambda x: x.rot90(2, (-2, -1)),
+    "rot270": lambda x: x.rot90(3, (-2, -1)),
+    "transpose": lambda x: x.transpose(-2, -1),
+    "antitranspose": lambda x: x.rot90(2, (-2, -1)).transpose(-2, -1),
+}
+
+
+def apply_view(tensor: torch.Tensor, view: str) -> torch.Tensor:
+    if view not in VIEWS:
+        raise ValueError(f"unknown view '{view}'; expected one of {', '.join(VIEWS)}")
+    return VIEWS[view](tensor).contiguous()
+
+
+def build_photometric(config: Optional[Dict[str, Any]]) -> Optional[T.Transform]:
+    """Colour jitter for images in [0, 1] (C x H x W float), or None when not configured."""
+    jitter = (config or {}).get("color_jitter")
+    if not jitter:
+        return None
+    return T.ColorJitter(**jitter)
+
+
+def build_geometric(config: Optional[Dict[str, Any]]) -> Optional[T.Transform]:
+    """Joint image/mask flips and affine (rotation, scale), used when the embedding cache is off."""
+    config = config or {}
+    steps = []
+    if config.get("hflip", False):
+        steps.append(T.RandomHorizontalFlip())
+    if config.get("vflip", False):
+        steps.append(T.RandomVerticalFlip())
+    if config.get("rotate", 0) or config.get("scale"):
+        scale = config.get("scale")
+        steps.append(T.RandomAffine(degrees=float(config.get("rotate", 0)), scale=tuple(scale) if scale else None))
+    return T.Compose(steps) if steps else None
+
+
+def geometric_pair(transform: T.Transform, image: torch.Tensor, mask: torch.Tensor):
+    """Apply one random geometric draw to an image (3 x H x W) and its mask (1 x H x W) together."""
+    image_out, mask_out = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    return image_out.as_subclass(torch.Tensor), mask_out.as_subclass(torch.Tensor)

@@ -1,0 +1,111 @@
+"""Torch datasets for training g (with or without the SAM embedding cache) and h."""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from vps.modeling.sam import FrozenSam
+from vps.train.augment import apply_view, geometric_pair
+from vps.train.cache import EmbeddingCache
+from vps.train.data import Sample, read_pair
+
+
+def to_square_tensor(image: np.ndarray, size: int) -> torch.Tensor:
+    """H x W x 3 uint8 -> 3 x size x size float in [0, 1] (bilinear, antialiased)."""
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255.0
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def to_square_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    """H x W bool -> 1 x size x size float in {0, 1} (area average, then > 0.5)."""
+    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return (F.interpolate(tensor, size=(size, size), mode="area") > 0.5).float()[0]
+
+
+class SegmentationDataset(Dataset):
+    """Image/mask pairs resized to squares, with augmentation and optional cached SAM embeddings.
+
+    Items: ``image`` 3 x S x S in [0, 1] (what g sees; SAM sees it too when there is no cache),
+    ``mask`` 1 x M x M in {0, 1}, and with a cache ``embedding`` 256 x 64 x 64 float16.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int,
+        mask_size: int = 256,
+        cache: Optional[EmbeddingCache] = None,
+        views: Sequence[str] = ("identity",),
+        photometric=None,
+        geometric=None,
+    ) -> None:
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.mask_size = mask_size
+        self.cache = cache
+        self.views = list(views)
+        self.photometric = photometric
+        self.geometric = geometric
+        self._decoded: Dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int):
+        """(key, image 3 x S x S, mask 1 x M x M), decoded once per worker and kept (stills are small)."""
+        if index not in self._decoded:
+            image, mask = read_pair(self.samples[index])
+            self._decoded[index] = (EmbeddingCache.image_key(image), to_square_tensor(image, self.image_size),
+                                    to_square_mask(mask, self.mask_size))
+        return self._decoded[index]
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        key, image, mask = self.load(index)
+        if self.cache is not None:
+            view = random.choice(self.views)
+            embedding = self.cache.get(key, view)
+            if embedding is None:
+                raise RuntimeError(f"embedding cache has no '{view}' view of {self.samples[index].image}; "
+                                   "fill the cache first (fill_cache)")
+            image, mask = apply_view(image, view), apply_view(mask, view)
+            if self.photometric is not None:
+                image = self.photometric(image)
+            return {"image": image, "mask": mask, "embedding": embedding}
+        if self.geometric is not None:
+            image, mask = geometric_pair(self.geometric, image, mask)
+        if self.photometric is not None:
+            image = self.photometric(image)
+        return {"image": image.clamp(0, 1), "mask": mask}
+
+
+@torch.no_grad()
+def fill_cache(dataset: SegmentationDataset, sam: FrozenSam, views: Sequence[str], device: torch.device,
+               batch_size: int = 4, shard: tuple = (0, 1), progress: bool = True) -> int:
+    """Compute the missing (image, view) embeddings of ``dataset`` with ``sam``. Returns how many were computed.
+
+    ``shard=(rank, world_size)`` splits the work between distributed processes.
+    """
+    cache = dataset.cache
+    assert cache is not None
+    rank, world = shard
+    todo: List[tuple] = []
+    for index in range(rank, len(dataset), world):
+        key, _, _ = dataset.load(index)
+        todo += [(index, view) for view in views if cache.get(key, view) is None and not cache.path(key, view).exists()]
+    bar = tqdm(total=len(todo), desc="SAM embeddings", unit="img", disable=not progress or not todo)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        images = torch.stack([apply_view(dataset.load(i)[1], v) for i, v in chunk]).to(device)
+        embeddings = sam.encode(images)
+        for (index, view), embedding in zip(chunk, embeddings):
+            cache.put(dataset.load(index)[0], view, embedding)
+        bar.update(len(chunk))
+    bar.close()
+    return len(todo)
