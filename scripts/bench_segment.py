@@ -116,11 +116,11 @@ def plain_loop_fps(model, video: Path, device: torch.device) -> float:
     model = copy.deepcopy(model).to(device)
     start = time.perf_counter()
     frames = decoded_frames(video)
-    per_frame_loop(model, frames[:1].to(device))  # warm-up is not counted below
-    start_model = time.perf_counter()
+    decode_seconds = time.perf_counter() - start
+    per_frame_loop(model, frames[:1].to(device))  # warm-up, not counted
+    start = time.perf_counter()
     per_frame_loop(model, frames.to(device)).cpu()
-    end = time.perf_counter()
-    return len(frames) / ((start_model - start) + (end - start_model))
+    return len(frames) / (decode_seconds + time.perf_counter() - start)
 
 
 def engine(model, device, precision: str, **kwargs) -> SegmentationEngine:

@@ -31,9 +31,12 @@ def test_batched_engine_equals_per_frame_loop(request, frames, name):
     assert (got.int() - expected.int()).abs().max() <= 1
 
 
-def test_engine_without_optimisations_is_exact(tiny_light, frames):
+def test_engine_without_optimisations_matches_the_loop(tiny_light, frames):
+    # batched convolutions may round differently from single-frame ones (thread-count dependent kernels),
+    # so exact equality is not guaranteed; a whole grey level of difference would be a real bug.
     engine = SegmentationEngine(copy.deepcopy(tiny_light), "cpu", "fp32", optimize=False, resize_on_device=False)
-    assert torch.equal(engine(frames), per_frame_loop(tiny_light, frames))
+    difference = (engine(frames).int() - per_frame_loop(tiny_light, frames).int()).abs()
+    assert difference.max() <= 1 and difference.float().mean() < 0.01
 
 
 def test_bf16_is_close_to_fp32(tiny_light, frames):

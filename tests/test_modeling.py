@@ -1,8 +1,8 @@
 """The model code: shapes, frozen SAM, batched decoding, real pretrained weights, builders, checkpoints.
 
 Small random models come from conftest; LiteMedSAM (real weights, ~1 s to build, seconds per
-256 x 256 encode on a laptop CPU) is built once per module and its three test images are encoded
-once, in one batch.
+256 x 256 encode on a small CPU) is built once per module and its one test frame encoded once.
+The module runs with one torch thread (see ``one_thread``); tests over ~3 s are marked slow.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_GENERATOR, TINY_VIT, make_tiny_autosam, make_tiny_light, make_tiny_sam, save_random_checkpoint
+from conftest import (
+    TINY_GENERATOR,
+    TINY_VIT,
+    make_tiny_autosam,
+    make_tiny_light,
+    make_tiny_sam,
+    save_random_checkpoint,
+)
 from segment_anything.modeling import MaskDecoder
 
 from vps.modeling import (
@@ -31,7 +38,12 @@ from vps.modeling import (
     read_checkpoint,
     save_checkpoint,
 )
-from vps.modeling.build import EFFICIENTNET_LITE0_PACKAGE, _efficientnet_lite0_state_dict, build_backbone, check_compatible
+from vps.modeling.build import (
+    EFFICIENTNET_LITE0_PACKAGE,
+    _efficientnet_lite0_state_dict,
+    build_backbone,
+    check_compatible,
+)
 from vps.modeling.build_sam import build_litemedsam, build_sam_vit, litemedsam_checkpoint_path
 from vps.modeling.hardnet import HarDNet85Features
 
@@ -316,6 +328,13 @@ def test_litemedsam_loads_installed_weights_without_copying(tmp_path, monkeypatc
                 "prompt_encoder.point_embeddings.0.weight"):
         assert torch.equal(ours[key], state[key]), key
     assert sam.backend == "litemedsam" and sam.image_size == 256
+    # TinyViT caches its attention-bias table ``ab`` when put in eval mode; it must be the loaded
+    # biases' table, not the one of the random init (which FrozenSam.__init__ computed)
+    attention = [m for m in sam.image_encoder.modules() if hasattr(m, "attention_biases")]
+    assert attention
+    for module in attention:
+        assert module.attention_biases.abs().sum() > 0
+        assert torch.equal(module.ab, module.attention_biases[:, module.attention_bias_idxs])
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                      help="autocast precision; fp16 on CUDA only (default fp32)")
     run.add_argument("--batch-size", type=int, default=None,
-                     help="frames per model call (default: 32 on CUDA; on CPU 1 for autosam, 8 for light)")
+                     help="frames per model call (default: 32 on CUDA; on CPU 1 for autosam, 4 for light)")
     run.add_argument("--threshold", type=float, default=0.5, help="sigmoid threshold of binary masks (0.5)")
     run.add_argument("--smooth", type=int, default=0, metavar="N",
                      help="exponential moving average of the probabilities over ~N frames (off)")
@@ -283,8 +283,8 @@ def run(args: argparse.Namespace) -> int:
     threshold_uint8(args.threshold)
     device = resolve_device(args.device, local_rank)
     if args.batch_size is None:
-        # measured on a 2-core CPU: AutoSAM is fastest one frame at a time, the light model in batches
-        args.batch_size = 32 if device.type == "cuda" else (8 if args.model == "light" else 1)
+        # measured on a 2-core CPU (scripts/bench_segment.py): AutoSAM batch 2 > 1, light model batch 8
+        args.batch_size = 32 if device.type == "cuda" else (4 if args.model == "light" else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     clips = [clip for path in args.inputs for clip in find_clips(path)]

@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:
+    module.train(False)
+
+
 class FrozenSam(nn.Module):
     """A Segment Anything model used as a fixed feature extractor and mask decoder.
 
@@ -46,6 +50,10 @@ class FrozenSam(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.requires_grad_(False)
         self.eval()
+        # Loading weights must refresh caches derived from them: TinyViT's attention layers keep the
+        # table ``ab = attention_biases[:, idxs]``, computed when eval() is called, i.e. above, from the
+        # random initial biases. Without this, LiteMedSAM would run with stale (zero) attention biases.
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def train(self, mode: bool = True) -> "FrozenSam":
         return super().train(False)

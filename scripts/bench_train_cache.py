@@ -1,0 +1,86 @@
+"""Seconds per training epoch of g with and without the SAM embedding cache, measured side by side.
+
+Times the same number of training steps (batch size 10, the paper's) both ways on the same images:
+without the cache every step runs the frozen SAM image encoder; with it the embeddings are read from
+disk. The one-off cost of filling the cache is reported too. Per-epoch figures are per-image times
+times the epoch size (363 training frames of the CVC-ClinicDB clips by default).
+
+    python scripts/bench_train_cache.py [--images 20] [--epoch-size 363]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import vps
+from vps.modeling import build_prompt_generator, build_sam
+from vps.train.cache import EmbeddingCache
+from vps.train.data import discover_samples
+from vps.train.dataset import SegmentationDataset, fill_cache
+from vps.train.trainer import dice_bce_loss
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cvc-clinicdb-video"
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def time_steps(dataset, sam, generator, batch_size: int) -> float:
+    """Seconds for one pass over ``dataset`` in training steps (Adam on g, BCE + Dice through SAM's decoder)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    optimizer = torch.optim.Adam(generator.parameters(), lr=3e-4, weight_decay=1e-5)
+    generator.train()
+    started = time.perf_counter()
+    for batch in loader:
+        embeddings = batch["embedding"].float() if "embedding" in batch else sam.encode(batch["image"])
+        loss = dice_bce_loss(sam.decode(embeddings, generator(batch["image"])), batch["mask"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED, help="image/mask data (default: the CVC clips)")
+    parser.add_argument("--images", type=int, default=20, help="images timed each way")
+    parser.add_argument("--epoch-size", type=int, default=363)
+    parser.add_argument("--batch-size", type=int, default=10)
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"bench_train_cache: no data at {args.data} (pass --data with images and masks)")
+    samples = discover_samples(args.data)[: args.images]
+    sam = build_sam("litemedsam")
+    generator = build_prompt_generator()
+    print(f"CPU: {cpu_name()} | nproc {os.cpu_count()} | torch {torch.__version__} | threads {torch.get_num_threads()} "
+          f"| vps {vps.__version__} | {len(samples)} images, batch {args.batch_size}")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cache = EmbeddingCache(cache_dir, "litemedsam")
+        cached = SegmentationDataset(samples, sam.image_size, 256, cache, ["identity"])
+        started = time.perf_counter()
+        fill_cache(cached, sam, ["identity"], torch.device("cpu"), batch_size=1, progress=False)
+        fill_seconds = time.perf_counter() - started
+        uncached = SegmentationDataset(samples, sam.image_size, 256)
+        time_steps(cached, sam, generator, args.batch_size)  # warm-up
+        with_cache = time_steps(cached, sam, generator, args.batch_size)
+        without_cache = time_steps(uncached, sam, generator, args.batch_size)
+    per_image = {"with cache": with_cache / len(samples), "without cache": without_cache / len(samples)}
+    for name, seconds in per_image.items():
+        print(f"{name:>14}: {seconds:.3f} s/image -> {seconds * args.epoch_size:.0f} s per epoch of {args.epoch_size}")
+    print(f"cache fill (once per image and view): {fill_seconds / len(samples):.3f} s/image")
+    print(f"speed-up with the cache: {without_cache / with_cache:.2f}x (goal: at least 5x)")
+
+
+if __name__ == "__main__":
+    main()
