@@ -1,0 +1,41 @@
+"""Export a training run's model.pt as a small float16 checkpoint (the built-in model is made this way).
+
+    python scripts/export_model.py runs/default vps/weights/autosam_litemedsam_cvc.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import vps  # noqa: F401
+from vps.modeling import build_prompt_generator, build_surrogate, read_checkpoint, save_checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="training output folder (holds model.pt and log_*.csv)")
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    payload = read_checkpoint(args.run / "model.pt")
+    meta = dict(payload["meta"])
+    for stage in ("g", "h"):
+        log = args.run / f"log_{stage}.csv"
+        if log.is_file():
+            rows = list(csv.DictReader(log.open()))
+            best = max(rows, key=lambda r: float(r["val_dice"]))
+            meta[f"stage_{stage}"] = {"epochs": len(rows), "best_epoch": int(best["epoch"]),
+                                      "best_val_dice": float(best["val_dice"])}
+    generator = build_prompt_generator(meta["prompt_generator"], pretrained_backbone=False)
+    generator.load_state_dict(payload["prompt_generator"])
+    surrogate = None
+    if "surrogate" in payload:
+        surrogate = build_surrogate(meta.get("surrogate"))
+        surrogate.load_state_dict(payload["surrogate"])
+    path = save_checkpoint(args.out, meta, generator, surrogate, half=True)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, float16): {meta.get('stage_g')}, {meta.get('stage_h')}")
+
+
+if __name__ == "__main__":
+    main()
