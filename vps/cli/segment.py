@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--sam-checkpoint", type=Path, help="weights of SAM vit_* (LiteMedSAM's are installed)")
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                     help="autocast precision; fp16 on CUDA only (default fp32)")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                     help="autocast precision; fp16 on CUDA only (default auto: bf16 on CUDA, fp32 on CPU)")
     run.add_argument("--batch-size", type=int, default=None,
                      help="frames per model call (default: 32 on CUDA; on CPU 1 for autosam, 4 for light)")
     run.add_argument("--threshold", type=float, default=0.5, help="sigmoid threshold of binary masks (0.5)")
@@ -283,8 +283,10 @@ def run(args: argparse.Namespace) -> int:
     threshold_uint8(args.threshold)
     device = resolve_device(args.device, local_rank)
     if args.batch_size is None:
-        # measured on a 2-core CPU (scripts/bench_segment.py): AutoSAM batch 2 > 1, light model batch 8
+        # measured on a 2-core CPU (scripts/bench_segment.py): AutoSAM fastest at batch 1, light model at 4
         args.batch_size = 32 if device.type == "cuda" else (4 if args.model == "light" else 1)
+    if args.precision == "auto":
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
     if args.threads:
         torch.set_num_threads(args.threads)
     clips = [clip for path in args.inputs for clip in find_clips(path)]
