@@ -30,6 +30,9 @@ class EmbeddingCache:
     def path(self, key: str, view: str) -> Path:
         return self.root / view / key[:2] / f"{key}.npy"
 
+    def has(self, key: str, view: str) -> bool:
+        return self.path(key, view).is_file()
+
     def get(self, key: str, view: str) -> Optional[torch.Tensor]:
         path = self.path(key, view)
         if not path.is_file():

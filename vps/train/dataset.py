@@ -98,7 +98,7 @@ def fill_cache(dataset: SegmentationDataset, sam: FrozenSam, views: Sequence[str
     todo: List[tuple] = []
     for index in range(rank, len(dataset), world):
         key, _, _ = dataset.load(index)
-        todo += [(index, view) for view in views if cache.get(key, view) is None and not cache.path(key, view).exists()]
+        todo += [(index, view) for view in views if not cache.has(key, view)]
     bar = tqdm(total=len(todo), desc="SAM embeddings", unit="img", disable=not progress or not todo)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
