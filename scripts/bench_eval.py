@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,15 +33,9 @@ import numpy as np
 from eval.metrics import CURVE_NAMES, SCALAR_NAMES
 from eval.protocol import score_clips
 from eval.readers import find_gt_clips, match_predictions
+from vps.hardware import cpu_name
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cvc-clinicdb-video"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def nproc() -> str:
@@ -168,7 +161,7 @@ def main(argv=None) -> int:
 
     n = len(pairs)
     print(f"data: {gt_root if gt_root == args.data else 'synthetic'}: {n} frames of {shape[0]}x{shape[1]}")
-    print(f"hardware: nproc={nproc()}, CPU: {cpu_model()}; workers={args.workers}")
+    print(f"hardware: nproc={nproc()}, CPU: {cpu_name()}; workers={args.workers}")
     print(f"agreement: max per-frame difference {worst:.2e} (S, wF, MAE, E-phi, F-beta)")
     print(f"pysodmetrics loop: {n / ref_time:8.1f} frames/s ({ref_time:.2f} s)")
     print(f"vps eval:          {n / ours_time:8.1f} frames/s ({ours_time:.2f} s)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -23,20 +22,13 @@ from typing import Callable, Dict, List
 import torch
 
 import vps  # noqa: F401  (torchvision compatibility fix before timm/segment_anything load)
+from vps.hardware import cpu_name
 from vps.modeling import build_prompt_generator, build_surrogate
 from vps.modeling.build_sam import build_litemedsam, build_sam_vit
 
 
 def hardware_line(device: torch.device) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     parts = [f"CPU: {cpu}", f"nproc {usable} (of {os.cpu_count()})", f"torch {torch.__version__}",
              f"threads {torch.get_num_threads()}"]

@@ -34,6 +34,7 @@ import torch
 
 import vps  # noqa: F401
 from vps.cli.segment import Outputs, Totals, segment_clip
+from vps.hardware import cpu_name
 from vps.inference import SegmentationEngine, per_frame_loop
 from vps.modeling import (
     AutoSAM, build_prompt_generator, build_surrogate, checkpoint_metadata, load_model_from_checkpoint,
@@ -46,14 +47,7 @@ SIZE = (288, 384)  # H, W
 
 
 def hardware() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"nproc {os.cpu_count()}, {cpu}, torch threads {torch.get_num_threads()}{gpu}; "
             f"torch {torch.__version__}, python {platform.python_version()}; "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 import vps
+from vps.hardware import cpu_name
 from vps.modeling import build_prompt_generator, build_sam
 from vps.train.cache import EmbeddingCache
 from vps.train.data import discover_samples
@@ -27,13 +27,6 @@ from vps.train.dataset import SegmentationDataset, fill_cache
 from vps.train.trainer import dice_bce_loss
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cvc-clinicdb-video"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def time_steps(dataset, sam, generator, batch_size: int) -> float:
