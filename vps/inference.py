@@ -31,6 +31,13 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA, fp32 elsewhere; any other name is returned as given."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype for ``fp32|bf16|fp16`` (None = no autocast); fp16 is CUDA only."""
     if precision not in PRECISIONS:

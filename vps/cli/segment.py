@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import vps  # noqa: F401  (torchvision fix before the model code loads)
-    from vps.inference import SegmentationEngine, resolve_device, threshold_uint8
+    from vps.inference import SegmentationEngine, resolve_device, resolve_precision, threshold_uint8
     from vps.video import distributed_env, find_clips, quiet_decoders, shard
 
     quiet_decoders()
@@ -285,8 +285,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is None:
         # measured on a 2-core CPU (scripts/bench_segment.py): AutoSAM fastest at batch 1, light model at 4
         args.batch_size = 32 if device.type == "cuda" else (4 if args.model == "light" else 1)
-    if args.precision == "auto":
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    args.precision = resolve_precision(args.precision, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     clips = [clip for path in args.inputs for clip in find_clips(path)]

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from vps.config import save_config
+from vps.inference import autocast_dtype, resolve_device, resolve_precision
 from vps.modeling import build_prompt_generator, build_sam, build_surrogate, checkpoint_metadata, save_checkpoint
 from vps.modeling.build import read_checkpoint
 from vps.train.augment import build_geometric, build_photometric
@@ -68,10 +69,8 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        dtype = autocast_dtype(self.precision, self.device)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -89,17 +88,11 @@ def setup_runtime(config: Dict[str, Any]) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    wanted = config.get("device", "auto")
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if wanted == "cuda" and world_size > 1 else wanted)
+    device = resolve_device(config.get("device", "auto"), local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    precision = config.get("precision", "auto")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 training needs a CUDA device; use fp32 or bf16 on CPU")
+    precision = resolve_precision(config.get("precision", "auto"), device)
+    autocast_dtype(precision, device)  # rejects unknown names and fp16 on CPU, with a one-line message
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Runtime(device=device, precision=precision, rank=rank, world_size=world_size)
