@@ -18,14 +18,24 @@ from pathlib import Path
 import pandas as pd
 
 from eval.metrics import PAPER_COLUMNS, SUMMARY_KEYS
-from eval.protocol import PROTOCOLS, ClipScores, dataset_curves, per_clip_table, score_clips, summarize
+from eval.protocol import (
+    PROTOCOLS,
+    ClipScores,
+    WorkerDiedError,
+    dataset_curves,
+    per_clip_table,
+    score_clips,
+    summarize,
+)
 from eval.readers import (
     SUN_SEG_SPLITS,
     SUN_SEG_SUBSETS,
     EvalInputError,
     find_gt_clips,
+    kvasir_masks_root,
     match_predictions,
     sun_seg_gt_root,
+    warn,
 )
 
 PROG = "vps-eval"
@@ -37,6 +47,17 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="missing prediction frames: fail (default) or score them as empty predictions")
     parser.add_argument("--out-dir", type=Path, help="write per_clip.csv, summary.json, curve plots and a cache")
     parser.add_argument("--all", action="store_true", help="print every metric, not only the six paper columns")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                        help="processes, at least 1 (default: all cores)")
     return parser
 
 
@@ -68,7 +90,14 @@ def resolve_gt_root(args) -> tuple[Path, str]:
         return sun_seg_gt_root(args.data_root, args.split, args.subset), "video"
     if args.gt_root is None:
         raise EvalInputError("give --split with --data-root (SUN-SEG) or --gt-root")
-    return args.gt_root, args.protocol or "video"
+    protocol = args.protocol or "video"
+    masks = kvasir_masks_root(args.gt_root) if args.gt_root.is_dir() else None
+    if masks is not None:
+        hint = " (an image benchmark? add --protocol image)" if protocol == "video" else ""
+        print(f"{PROG}: note: {args.gt_root} holds images/ and masks/: using {masks} as the ground truth{hint}",
+              file=sys.stderr)
+        return masks, protocol
+    return args.gt_root, protocol
 
 
 def method_names(pred_roots: list[Path]) -> list[str]:
@@ -81,8 +110,13 @@ def method_names(pred_roots: list[Path]) -> list[str]:
     return names
 
 
-def evaluate_method(gt_root: Path, pred_root: Path, protocol: str, args, name: str) -> list[ClipScores]:
-    """Scores of every clip of one prediction root; raises EvalInputError on missing predictions."""
+def evaluate_method(
+    gt_root: Path, pred_root: Path, protocol: str, args, name: str, warned: set[str] | None = None
+) -> list[ClipScores]:
+    """Scores of every clip of one prediction root; raises EvalInputError on missing predictions.
+
+    warned: warnings already printed (for an earlier method), not repeated.
+    """
     clips = find_gt_clips(gt_root)
     missing = match_predictions(clips, pred_root)
     if missing and args.missing == "error":
@@ -91,9 +125,9 @@ def evaluate_method(gt_root: Path, pred_root: Path, protocol: str, args, name: s
             f"predictions missing in {pred_root}: {shown} (use --missing empty to score them as empty)"
         )
     if missing:
-        print(f"{PROG}: warning: scoring as empty: {'; '.join(missing)}", file=sys.stderr)
+        warn(f"scoring as empty: {'; '.join(missing)}")
     cache_dir = args.out_dir / ".cache" / name if args.out_dir else None
-    return score_clips(clips, protocol, workers=max(1, args.workers), cache_dir=cache_dir, description=name)
+    return score_clips(clips, protocol, workers=args.workers, cache_dir=cache_dir, description=name, warned=warned)
 
 
 def save_curve_plots(curves_by_method: dict, out_dir: Path) -> list[Path]:
@@ -144,12 +178,12 @@ def run(args) -> int:
     gt_root, protocol = resolve_gt_root(args)
     pred_roots = args.methods or [args.pred_root]
     names = method_names(pred_roots)
-    summaries, per_clip, curves = {}, {}, {}
+    summaries, per_clip, curves, warned = {}, {}, {}, set()
     for name, pred_root in zip(names, pred_roots):
-        clip_scores = evaluate_method(gt_root, pred_root, protocol, args, name)
-        summaries[name] = summarize(clip_scores)
+        clip_scores = evaluate_method(gt_root, pred_root, protocol, args, name, warned)
+        summaries[name] = summarize(clip_scores, protocol)
         per_clip[name] = per_clip_table(clip_scores)
-        curves[name] = dataset_curves(clip_scores)
+        curves[name] = dataset_curves(clip_scores, protocol)
     print(format_table(summaries, args.all))
     if args.out_dir:
         write_outputs(args.out_dir, summaries, per_clip, curves)
@@ -171,6 +205,9 @@ def main(argv=None) -> int:
     except EvalInputError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    except WorkerDiedError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
     except OSError as error:  # e.g. an unwritable --out-dir
         print(f"{PROG}: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2

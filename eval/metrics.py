@@ -3,8 +3,10 @@
 Every definition follows pysodmetrics 1.6.2 (which the SUN-SEG toolbox copies) bit for bit
 where it matters:
 
-* the prediction is ``uint8 / 255``, resized to the ground-truth size (``cv2.INTER_LINEAR``)
-  when sizes differ, then min-max normalised when it is not constant; ground truth is ``gt > 128``;
+* a prediction of another size is first resized as uint8 to the ground-truth size with
+  ``cv2.resize(pred, (gt_w, gt_h))`` (bilinear, as the toolbox's evaluator does before any
+  metric); then it is ``uint8 / 255``, min-max normalised when it is not constant; ground truth
+  is ``gt > 128``;
 * E-phi and F-beta curves use the 8-bit bins ``uint8(pred * 255) >= t`` for ``t = 255..0``;
 * Dice, IoU, Sensitivity and Specificity curves use the toolbox's float thresholds
   ``pred >= linspace(1, 0, 256)``, which differ from the 8-bit bins for some values
@@ -49,6 +51,14 @@ class FrameScores(NamedTuple):
     curves: np.ndarray
 
 
+def resize_to_gt(pred_u8: np.ndarray, gt_u8: np.ndarray) -> np.ndarray:
+    """The uint8 prediction at the ground truth's size: ``cv2.resize(pred, (gt_w, gt_h))`` (bilinear on
+    the 8-bit values, as the SUN-SEG/VPS toolbox does), or the prediction itself when sizes agree."""
+    if pred_u8.shape == gt_u8.shape:
+        return pred_u8
+    return cv2.resize(pred_u8, (gt_u8.shape[1], gt_u8.shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
 def prepare_frame(pred_u8: np.ndarray, gt_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Turn raw 8-bit images into the arrays the metrics use.
 
@@ -59,12 +69,10 @@ def prepare_frame(pred_u8: np.ndarray, gt_u8: np.ndarray) -> tuple[np.ndarray, n
     Returns:
         pred: float64 (h, w) in [0, 1], min-max normalised unless constant.
         gt: bool (h, w), ``gt_u8 > 128``.
-        prob: float64 (h, w), the resized ``pred_u8 / 255`` before normalisation.
+        prob: float64 (h, w), ``resize_to_gt(pred_u8) / 255`` before normalisation.
     """
     gt = gt_u8 > 128
-    prob = pred_u8 / 255.0
-    if prob.shape != gt.shape:
-        prob = cv2.resize(prob, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
+    prob = resize_to_gt(pred_u8, gt_u8) / 255.0
     lo, hi = prob.min(), prob.max()
     pred = (prob - lo) / (hi - lo) if hi != lo else prob
     return pred, gt, prob
@@ -303,14 +311,12 @@ def score_prepared(pred: np.ndarray, gt: np.ndarray, prob: np.ndarray | None = N
 
 
 def score_frame(pred_u8: np.ndarray, gt_u8: np.ndarray) -> FrameScores:
-    """All metrics of one frame from raw uint8 grey images (pred resized to gt when needed).
+    """All metrics of one frame from raw uint8 grey images.
 
-    A prediction of the ground truth's size takes the fast path (:func:`score_levels`); a resized one,
-    whose values are no longer 256 levels, the per-pixel path (:func:`score_prepared`).
+    A prediction of another size is resized as uint8 first (:func:`resize_to_gt`), so it still holds
+    256 levels and every frame takes the fast path (:func:`score_levels`).
     """
-    if pred_u8.shape != gt_u8.shape:
-        return score_prepared(*prepare_frame(pred_u8, gt_u8))
-    return score_levels(pred_u8, gt_u8 > 128)
+    return score_levels(resize_to_gt(pred_u8, gt_u8), gt_u8 > 128)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """Evaluation protocols: which frames count and how frame scores are averaged.
 
-* video (SUN-SEG / VPS toolbox): frames in playing order, the first and the last frame of every
-  clip dropped, scores averaged over a clip's frames, then every clip weighs the same;
-* image (Kvasir, CVC-ClinicDB, ...): all images form one group, nothing dropped.
+* video (SUN-SEG / VPS toolbox): frames in playing order (every frame name must carry a frame
+  number), the first and the last frame of every clip dropped, scores averaged over a clip's
+  frames, then every clip weighs the same;
+* image (Kvasir, CVC-ClinicDB, ...): nothing dropped, every image weighs the same over the whole
+  dataset (the mean over all images of all clips).
 
-A dataset's curves are the average of its clips' curves; ``max*`` / ``mean*`` are taken on that
-averaged curve (see :func:`eval.metrics.summarize_curves`).
+A dataset's curves are the average of its clips' curves (video) or of all its frames' curves
+(image); ``max*`` / ``mean*`` are taken on that averaged curve (see
+:func:`eval.metrics.summarize_curves`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import hashlib
 import multiprocessing
 import os
 import sys
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,20 +26,40 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.metrics import CURVE_NAMES, SCALAR_NAMES, FrameScores, score_frame, summarize_curves
-from eval.readers import Clip, EvalInputError, read_grey
+from eval.readers import Clip, EvalInputError, frame_number, read_grey_checked, warn
 
 PROTOCOLS = ("video", "image")
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: resized predictions are resized as uint8; gt_max and flags are cached
 FRAMES_PER_TASK = 8
+# per-frame input flags (ClipScores.flags): 16-bit images that held 8-bit values
+PRED_16BIT_AS_8BIT = 1
+GT_16BIT_AS_8BIT = 2
+GT_THRESHOLD = 128  # the toolbox's ground truth is gt > 128
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process died (killed, e.g. by the OOM killer); the CLI prints one line, exit status 1."""
 
 
 @dataclass
 class ClipScores:
-    """Per-frame scores of one clip: scalars float64 (F, n_scalars), curves float64 (F, n_curves, 256)."""
+    """Per-frame scores of one clip: scalars float64 (F, n_scalars), curves float64 (F, n_curves, 256).
+
+    gt_max: int (F,), the largest ground-truth value of each frame (-1: unknown); flags: int (F,),
+    bits PRED_16BIT_AS_8BIT / GT_16BIT_AS_8BIT.
+    """
 
     name: str
     scalars: np.ndarray
     curves: np.ndarray
+    gt_max: np.ndarray | None = None
+    flags: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.gt_max is None:
+            self.gt_max = np.full(len(self.scalars), -1, np.int64)
+        if self.flags is None:
+            self.flags = np.zeros(len(self.scalars), np.int64)
 
     @property
     def n_frames(self) -> int:
@@ -45,17 +70,43 @@ class ClipScores:
         return self.scalars.mean(axis=0), self.curves.mean(axis=0)
 
 
+def check_frame_order(clip: Clip) -> None:
+    """Raise EvalInputError when some frame names of the clip carry no number: the playing order, and so
+    which frames are first and last, is unknown."""
+    unnumbered = [p.name for p in clip.gt_frames if frame_number(p) is None]
+    if unnumbered:
+        shown = ", ".join(unnumbered[:3]) + (", ..." if len(unnumbered) > 3 else "")
+        raise EvalInputError(
+            f"clip {clip.name}: frame order unknown, {len(unnumbered)} of {len(clip.gt_frames)} frame name(s) "
+            f"carry no frame number ({shown}); the video protocol drops each clip's first and last frame, "
+            f"so name frames with their number (or use --protocol image)"
+        )
+
+
 def frames_to_score(clip: Clip, protocol: str) -> Clip:
-    """The clip restricted to the frames the protocol scores (video: without first and last)."""
+    """The clip restricted to the frames the protocol scores (video: without first and last).
+
+    Raises EvalInputError (video protocol) when some frame names carry no number (see check_frame_order).
+    """
     if protocol == "video":
+        check_frame_order(clip)
         return Clip(clip.name, clip.gt_frames[1:-1], clip.predictions[1:-1])
     return clip
 
 
+def read_file_pair(gt_path: Path, pred_path: Path | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(pred uint8, gt uint8, flags) of one frame; a missing prediction (None) is an empty one."""
+    gt, gt_16 = read_grey_checked(gt_path)
+    if pred_path is None:
+        pred, pred_16 = np.zeros_like(gt), False
+    else:
+        pred, pred_16 = read_grey_checked(pred_path)
+    return pred, gt, PRED_16BIT_AS_8BIT * pred_16 | GT_16BIT_AS_8BIT * gt_16
+
+
 def score_file_pair(gt_path: Path, pred_path: Path | None) -> FrameScores:
     """Scores of one frame read from disk; a missing prediction (None) counts as an empty one."""
-    gt = read_grey(gt_path)
-    pred = read_grey(pred_path) if pred_path is not None else np.zeros_like(gt)
+    pred, gt, _ = read_file_pair(gt_path, pred_path)
     return score_frame(pred, gt)
 
 
@@ -90,7 +141,7 @@ class ClipCache:
             with np.load(self._path(clip_name)) as data:
                 if str(data["key"]) != key:
                     return None
-                return ClipScores(clip_name, data["scalars"], data["curves"])
+                return ClipScores(clip_name, data["scalars"], data["curves"], data["gt_max"], data["flags"])
         except (OSError, ValueError, KeyError):  # a half-written file from an interrupted run
             return None
 
@@ -99,21 +150,36 @@ class ClipCache:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{scores.name}.tmp.npz"
-        np.savez(tmp, key=key, scalars=scores.scalars, curves=scores.curves)
+        np.savez(tmp, key=key, scalars=scores.scalars, curves=scores.curves, gt_max=scores.gt_max, flags=scores.flags)
         os.replace(tmp, self._path(scores.name))  # atomic: an interruption never leaves a torn file
 
 
 def _score_task(task):
-    """Worker: (clip name, first frame index, [(gt, pred), ...]) -> (clip name, index, scalars, curves)."""
+    """Worker: (clip name, first frame index, [(gt, pred), ...]) -> ClipScores of those frames and the index."""
     clip_name, start, pairs = task
-    scores = [score_file_pair(gt, pred) for gt, pred in pairs]
-    return clip_name, start, np.stack([s.scalars for s in scores]), np.stack([s.curves for s in scores])
+    scores, gt_max, flags = [], [], []
+    for gt_path, pred_path in pairs:
+        pred, gt, frame_flags = read_file_pair(gt_path, pred_path)
+        scores.append(score_frame(pred, gt))
+        gt_max.append(int(gt.max()))
+        flags.append(frame_flags)
+    part = ClipScores(
+        clip_name,
+        np.stack([s.scalars for s in scores]),
+        np.stack([s.curves for s in scores]),
+        np.array(gt_max, np.int64),
+        np.array(flags, np.int64),
+    )
+    return start, part
 
 
 def _init_worker():
+    import signal
+
     import cv2
 
     cv2.setNumThreads(1)  # processes already use every core
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it cancels and waits
 
 
 def _make_tasks(clips: list[Clip]):
@@ -124,12 +190,30 @@ def _make_tasks(clips: list[Clip]):
 
 
 def _run_tasks(tasks, workers: int):
+    """Results of ``_score_task`` over ``tasks`` in completion order, in ``workers`` processes.
+
+    A worker that dies (SIGKILL from the OOM killer, a crash) raises WorkerDiedError instead of
+    hanging; an exception in a task (e.g. an unreadable image) is raised as it is. Either way the
+    tasks not yet started are cancelled.
+    """
     if workers <= 1:
         yield from map(_score_task, tasks)
         return
     # spawn, not fork: a fork after OpenCV's thread pool has run can deadlock the children
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-        yield from pool.imap_unordered(_score_task, tasks)
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    try:
+        pending = {executor.submit(_score_task, task) for task in tasks}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield future.result()
+    except BrokenProcessPool as error:
+        raise WorkerDiedError(
+            "a worker process died (killed, e.g. out of memory): finished clips are cached in --out-dir, "
+            "rerun (with fewer --workers if memory is short)"
+        ) from error
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def score_clips(
@@ -138,16 +222,20 @@ def score_clips(
     workers: int = 1,
     cache_dir: Path | None = None,
     description: str = "eval",
+    warned: set[str] | None = None,
 ) -> list[ClipScores]:
     """Score the protocol's frames of every clip, reusing cached clips; returns clips in input order.
 
-    Clips left without frames (video clips of at most two frames) are skipped with a warning.
+    Clips left without frames (video clips of at most two frames) are skipped with a warning; input
+    oddities (16-bit images holding 8-bit values, ground truth without a value above 128) are warned
+    about once (see :func:`warn_about_inputs`; ``warned`` carries what was already said over calls).
+    Raises WorkerDiedError when a worker process dies.
     """
     cache = ClipCache(cache_dir)
     scored = [frames_to_score(clip, protocol) for clip in clips]
     for clip in scored:
         if not clip.gt_frames:
-            print(f"vps-eval: warning: clip {clip.name} has no frame to score, skipped", file=sys.stderr)
+            warn(f"clip {clip.name} has no frame to score, skipped")
     scored = [clip for clip in scored if clip.gt_frames]
     keys = {clip.name: clip_cache_key(clip, protocol) for clip in scored}
     done = {}
@@ -157,37 +245,86 @@ def score_clips(
             done[clip.name] = cached
     todo = [clip for clip in scored if clip.name not in done]
 
-    parts: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {clip.name: {} for clip in todo}
+    parts: dict[str, dict[int, ClipScores]] = {clip.name: {} for clip in todo}
     sizes = {clip.name: len(clip.gt_frames) for clip in todo}
     # disable=None: a bar on a terminal, none in logs or pipes
     bar = tqdm(total=sum(sizes.values()), desc=description, unit="frame", file=sys.stderr, leave=False, disable=None)
     with bar:
-        for name, start, scalars, curves in _run_tasks(_make_tasks(todo), workers):
-            parts[name][start] = (scalars, curves)
-            bar.update(len(scalars))
-            if sum(len(s) for s, _ in parts[name].values()) == sizes[name]:
+        for start, part in _run_tasks(_make_tasks(todo), workers):
+            name = part.name
+            parts[name][start] = part
+            bar.update(part.n_frames)
+            if sum(p.n_frames for p in parts[name].values()) == sizes[name]:
                 ordered = [parts[name][k] for k in sorted(parts[name])]
-                done[name] = ClipScores(
-                    name, np.concatenate([s for s, _ in ordered]), np.concatenate([c for _, c in ordered])
-                )
+                fields = ("scalars", "curves", "gt_max", "flags")
+                done[name] = ClipScores(name, *(np.concatenate([getattr(p, f) for p in ordered]) for f in fields))
                 cache.save(done[name], keys[name])
                 del parts[name]
-    return [done[clip.name] for clip in scored]
+    results = [done[clip.name] for clip in scored]
+    warn_about_inputs(scored, results, warned)
+    return results
 
 
-def summarize(clip_scores: list[ClipScores]) -> dict[str, float]:
-    """Dataset summary, every clip weighing the same; keys: see eval.metrics.SUMMARY_KEYS."""
+def warn_about_inputs(clips: list[Clip], clip_scores: list[ClipScores], warned: set[str] | None = None) -> None:
+    """One warning line per kind of input oddity found while scoring (clips: the scored frames).
+
+    * 16-bit images holding 8-bit values (read as 8-bit): once, with a count and the first file;
+    * ground truth with nonzero pixels but none above 128 (e.g. masks saved as 0/1), which the toolbox's
+      ``gt > 128`` reads as empty: once per clip. The toolbox's numbers are kept.
+
+    warned: messages already printed (e.g. for another method on the same ground truth), skipped; updated.
+    """
+    warned = set() if warned is None else warned
+    messages = []
+    for bit, what in ((PRED_16BIT_AS_8BIT, "prediction"), (GT_16BIT_AS_8BIT, "ground-truth")):
+        found = []
+        for clip, scores in zip(clips, clip_scores):
+            files = clip.predictions if bit == PRED_16BIT_AS_8BIT else clip.gt_frames
+            found += [files[i] for i in np.flatnonzero(scores.flags & bit)]
+        if found:
+            messages.append(
+                f"{len(found)} {what} image(s) are 16-bit holding 8-bit values (0..255), read as 8-bit "
+                f"(first: {found[0]})"
+            )
+    for clip, scores in zip(clips, clip_scores):
+        faint = (scores.gt_max > 0) & (scores.gt_max <= GT_THRESHOLD)
+        if faint.any() and not (scores.gt_max > GT_THRESHOLD).any():
+            messages.append(
+                f"no ground-truth pixel is above {GT_THRESHOLD} in clip {clip.name} (largest value "
+                f"{scores.gt_max.max()}): the toolbox binarises gt > {GT_THRESHOLD}, so its masks score as "
+                f"empty (masks saved as 0/1? save them as 0/255)"
+            )
+    for message in messages:
+        if message not in warned:
+            warn(message)
+            warned.add(message)
+
+
+def dataset_means(clip_scores: list[ClipScores], protocol: str = "video") -> tuple[np.ndarray, np.ndarray]:
+    """Dataset averages (scalars (n_scalars,), curves (n_curves, 256)).
+
+    video: every clip weighs the same (mean of the clip means); image: every frame weighs the same
+    (mean over all frames of all clips).
+    """
     if not clip_scores:
         raise EvalInputError("no frame to score: every clip was empty or too short")
+    if protocol == "image":
+        return (
+            np.concatenate([c.scalars for c in clip_scores]).mean(axis=0),
+            np.concatenate([c.curves for c in clip_scores]).mean(axis=0),
+        )
     means = [c.mean() for c in clip_scores]
-    scalars = np.mean([s for s, _ in means], axis=0)
-    curves = np.mean([c for _, c in means], axis=0)
-    return summarize_curves(scalars, curves)
+    return np.mean([s for s, _ in means], axis=0), np.mean([c for _, c in means], axis=0)
 
 
-def dataset_curves(clip_scores: list[ClipScores]) -> np.ndarray:
-    """Clip-weighted average curves, float64 (n_curves, 256)."""
-    return np.mean([c.mean()[1] for c in clip_scores], axis=0)
+def summarize(clip_scores: list[ClipScores], protocol: str = "video") -> dict[str, float]:
+    """Dataset summary (weighting: see dataset_means); keys: see eval.metrics.SUMMARY_KEYS."""
+    return summarize_curves(*dataset_means(clip_scores, protocol))
+
+
+def dataset_curves(clip_scores: list[ClipScores], protocol: str = "video") -> np.ndarray:
+    """Dataset average curves (weighting: see dataset_means), float64 (n_curves, 256)."""
+    return dataset_means(clip_scores, protocol)[1]
 
 
 def per_clip_table(clip_scores: list[ClipScores]):
@@ -203,8 +340,11 @@ __all__ = [
     "SCALAR_NAMES",
     "ClipScores",
     "PROTOCOLS",
+    "WorkerDiedError",
+    "check_frame_order",
     "clip_cache_key",
     "dataset_curves",
+    "dataset_means",
     "frames_to_score",
     "per_clip_table",
     "score_clips",

@@ -10,7 +10,9 @@ Measures (same clip, model and precision on both sides of each ratio):
            end-to-end / model-only frames/s (is decoding hidden behind compute?); the batch size sweep
   bf16     bf16 / fp32 model-only frames/s
   light    the light model (g + h) end to end, fp32 and bf16
-  memory   peak RSS of vps-segment (light model, a subprocess) on a 300- and a 3000-frame video
+  memory   peak RSS of the whole vps-segment process (the console script, default options, mask video
+           and PNGs) on a 300- and a 3000-frame synthetic video, with each decoder (--decoders) and
+           model (--memory-models; AutoSAM's 3000 frames take about an hour on a 2-core CPU)
 Uses the real clip ../shared/data/cvc-clinicdb-video/<clip>/frames when present (looped to --frames
 frames, 384 x 288), else a synthetic one. Without --checkpoint the model has random weights with the
 default (not tiny) configuration. Everything is written in a temporary folder, removed at the end.
@@ -102,7 +104,7 @@ def load(checkpoint: Path, model: str, sam: str):
 
 
 def decoded_frames(video: Path) -> torch.Tensor:
-    return torch.from_numpy(np.stack([f for _, f in open_source(find_clips(video)[0])]))
+    return torch.from_numpy(np.stack([f for _, f, _ in open_source(find_clips(video)[0])]))
 
 
 def plain_loop_fps(model, video: Path, device: torch.device) -> float:
@@ -141,7 +143,7 @@ def model_only_fps(eng: SegmentationEngine, frames: torch.Tensor, batch: int) ->
 def end_to_end_fps(eng: SegmentationEngine, video: Path, frames: torch.Tensor, batch: int, out: Path) -> float:
     """The vps-segment path (prefetching reader, engine, mask video writer), model already loaded."""
     warm(eng, frames, batch)
-    args = Namespace(decoder="decord", fps=25.0, threshold=0.5, overwrite=True, batch_size=batch, quiet=True)
+    args = Namespace(decoder="av", fps=25.0, threshold=0.5, overwrite=True, batch_size=batch, quiet=True)
     clip = find_clips(video)[0]
     start = time.perf_counter()
     segment_clip(clip, Outputs(mask=out / "masks.mp4"), eng, args, Totals())
@@ -152,17 +154,46 @@ def decoded_count(video: Path) -> int:
     return open_source(find_clips(video)[0]).info.num_frames
 
 
-def peak_rss_mb(argv: list, report: Path) -> float:
-    """Run vps-segment in a fresh process; its peak RSS (VmHWM of /proc/self/status at exit), in MB.
+def vps_segment_command() -> list:
+    """The ``vps-segment`` console script of this environment (what a user runs)."""
+    script = Path(sys.executable).with_name("vps-segment")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "vps.cli.segment"]
 
-    (getrusage of the children would include the RSS of this process, which a fork inherits.)
-    """
-    script = ("import sys; from pathlib import Path; from vps.cli.segment import main; code = main(sys.argv[2:]); "
-              "Path(sys.argv[1]).write_text(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')));"
-              " sys.exit(code)")
-    subprocess.run([sys.executable, "-c", script, str(report), *map(str, argv)], check=True,
-                   stdout=subprocess.DEVNULL)
-    return int(report.read_text().split()[1]) / 1024
+
+# Runs the command as a child of this small process and prints the child's peak RSS in KiB. The
+# child's peak includes what it inherited before exec (a fork of a large benchmark process would
+# count the benchmark's memory), hence the small intermediate process.
+PEAK_RSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)"
+                    ".returncode; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
+def peak_rss_mb(argv: list) -> float:
+    """Peak resident memory of the whole ``vps-segment`` process (all threads, libraries, decoders), in MB."""
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, *vps_segment_command(), *map(str, argv)],
+                            check=True, stdout=subprocess.PIPE, text=True)
+    return int(result.stdout.split()[-1]) / 1024
+
+
+def memory(args: argparse.Namespace, checkpoint: Path, tmp: Path) -> None:
+    """Peak RSS of vps-segment, default options (mask video + PNGs), short vs long video, per decoder and model."""
+    videos = {count: write_video(tmp / f"long{count}.mp4", synthetic_frames(count), fps=25,
+                                 options={"crf": "23", "preset": "ultrafast"}) for count in args.long_frames}
+    for model in args.memory_models:
+        for decoder in args.decoders:
+            threads = f", --threads {args.memory_threads}" if args.memory_threads else ""
+            print(f"peak RSS of the vps-segment process ({model} model, --decoder {decoder}{threads}, default "
+                  "precision and batch, mask video + PNGs):")
+            peaks = []
+            for count, video in videos.items():
+                start = time.perf_counter()
+                peak = peak_rss_mb([video, "--out", tmp / "mask.mp4", "--png-dir", tmp / "png", "--model", model,
+                                    "--checkpoint", checkpoint, "--decoder", decoder, "--device", args.device,
+                                    "--quiet", "--overwrite",
+                                    *(["--threads", args.memory_threads] if args.memory_threads else [])])
+                peaks.append(peak)
+                row(f"{count} frames", f"{peak:.0f} MB", f"{count / (time.perf_counter() - start):.1f} f/s "
+                    "with process start-up")
+            row("  growth", f"{peaks[-1] - peaks[0]:+.0f} MB", "target < 50 MB")
 
 
 def row(name: str, value: str, note: str = "") -> None:
@@ -179,6 +210,12 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=12, help="frames of the AutoSAM clip (12)")
     parser.add_argument("--light-frames", type=int, default=200, help="frames of the light-model clip (200)")
     parser.add_argument("--long-frames", type=int, nargs=2, default=[300, 3000], help="memory test lengths")
+    parser.add_argument("--decoders", nargs="+", choices=("av", "decord"), default=["av", "decord"],
+                        help="decoders of the memory test (av decord)")
+    parser.add_argument("--memory-models", nargs="+", choices=("light", "autosam"), default=["light"],
+                        help="models of the memory test (light; autosam takes hours on a CPU)")
+    parser.add_argument("--memory-threads", type=int, help="vps-segment --threads in the memory test (default: "
+                        "torch's; 1 keeps a loaded machine's runs short, memory growth is the same)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                         help="engine batch sizes to compare (default: 1 2 4 on CPU, 16 32 64 on CUDA)")
     parser.add_argument("--precision", default="fp32", help="precision of the engine ratio (fp32)")
@@ -249,20 +286,7 @@ def main(argv=None) -> int:
                 row(f"{precision} end to end, batch {best}", f"{e2e:.1f} f/s", "goal 25 f/s at 384x288 on CPU")
 
         if "memory" in args.only:
-            print("peak memory of vps-segment (light model, bf16, batch 8, subprocess):")
-            peaks = []
-            for count in args.long_frames:
-                video = write_video(tmp / f"long{count}.mp4", synthetic_frames(count), fps=25,
-                                    options={"crf": "23", "preset": "ultrafast"})
-                start = time.perf_counter()
-                peak = peak_rss_mb([video, "--out", tmp / f"long{count}_mask.mp4", "--png-dir", tmp / "png",
-                                    "--model", "light", "--checkpoint", checkpoint, "--precision", "bf16",
-                                    "--batch-size", 8, "--quiet", "--device", args.device, "--overwrite"],
-                                   tmp / "rss.txt")
-                peaks.append(peak)
-                row(f"{count} frames", f"{peak:.0f} MB", f"{count / (time.perf_counter() - start):.1f} f/s "
-                    "with process start-up")
-            row("  growth", f"{peaks[-1] - peaks[0]:+.0f} MB", "target < 50 MB")
+            memory(args, checkpoint, tmp)
     return 0
 
 

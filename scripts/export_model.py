@@ -1,6 +1,6 @@
 """Export a training run's model.pt as a small float16 checkpoint (the built-in model is made this way).
 
-    python scripts/export_model.py runs/default vps/weights/autosam_litemedsam_cvc.pt
+    python scripts/export_model.py runs/default vps/weights/autosam_litemedsam_polyp.pt
 """
 
 from __future__ import annotations

@@ -1,24 +1,33 @@
-"""Validation report for a trained model: AutoSAM, the light model h(g(I)) and box-prompted LiteMedSAM.
+"""Validation report for a trained model: every number of MODEL_CARD.md, from one command.
 
-Writes 8-bit probability maps for the validation clips named in the checkpoint (or --clips) under
---out/<method>/<clip>/<frame>.png, then scores them with vps-eval (video protocol) into one table:
+For each validation source recorded in the checkpoint (the CVC-ClinicDB validation clips, the Kvasir
+validation stills, ...) it writes 8-bit probability maps of three methods -- AutoSAM (g + frozen SAM,
+no prompt), the light model h(g(I)) and the frozen SAM prompted with the ground-truth box (a reference
+that needs the answer) -- and scores them with ``vps-eval``: the video protocol for clips, the image
+protocol for stills. On the polyp-free crops of the validation images it reports the share of crops
+on which a method outputs any pixel above 0.5.
 
-    python scripts/validate_model.py --checkpoint vps/weights/autosam_litemedsam_cvc.pt \
-        --data ../shared/data/cvc-clinicdb-video --out runs/validation
+    python scripts/validate_model.py --checkpoint vps/weights/autosam_litemedsam_polyp.pt \\
+        --data ../shared/data/cvc-clinicdb-video ../shared/data/kvasir-seg --out runs/validation
 
-The box reference prompts the same frozen LiteMedSAM with the ground-truth mask's bounding box (an
-upper bound that needs a person in the loop); AutoSAM needs no prompt.
+``--cache-dir`` reuses the training run's SAM embeddings (computed once per image, as in training);
+without it every image is encoded here. ``--split-from`` takes the validation split from another
+checkpoint (to score an older model on the same images).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -26,7 +35,13 @@ from tqdm import tqdm
 import vps  # noqa: F401
 from vps.modeling import load_model_from_checkpoint, read_checkpoint
 from vps.modeling.autosam import upsample_logits
-from vps.train.data import discover_samples, read_pair
+from vps.train.cache import EmbeddingCache
+from vps.train.data import Sample, read_pair, split_sources
+from vps.train.negatives import NEGATIVE_SOURCE, polyp_free_crops
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DEFAULT_DATA = [SHARED / "cvc-clinicdb-video", SHARED / "kvasir-seg"]
+METHODS = ["AutoSAM", "Light-h(g(I))", "LiteMedSAM-GT-box"]
 
 
 def box_from_mask(mask: np.ndarray, size: int) -> torch.Tensor:
@@ -37,49 +52,113 @@ def box_from_mask(mask: np.ndarray, size: int) -> torch.Tensor:
                          (xs.max() + 1) * size / width, (ys.max() + 1) * size / height], dtype=torch.float32)
 
 
-def save_probability(logits: torch.Tensor, path: Path) -> None:
+def probability_map(logits: torch.Tensor) -> np.ndarray:
+    return np.round(torch.sigmoid(logits.float())[0, 0].numpy() * 255).astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    probability = torch.sigmoid(logits.float())[0, 0].numpy()
-    Image.fromarray(np.round(probability * 255).astype(np.uint8)).save(path)
+    Image.fromarray(array).save(path)
+
+
+def is_stills(samples: List[Sample]) -> bool:
+    """Stills count as one clip each (group == image stem); clips group several frames."""
+    return all(s.group == s.image.stem for s in samples)
+
+
+def relative_path(sample: Sample, stills: bool) -> str:
+    return f"{sample.source}/{sample.image.stem}.png" if stills else f"{sample.source}/{sample.group}/{sample.image.stem}.png"
+
+
+def validation_samples(meta: dict, roots: List[Path]):
+    """(positive validation samples, polyp-free crops) exactly as the training run drew them."""
+    val_clips = meta.get("val_clips")
+    if not val_clips:
+        raise SystemExit("validate_model: the checkpoint names no validation clips")
+    _, val = split_sources(roots, val_clips, 0.0, int(meta.get("split_seed", 0)))
+    negatives = meta.get("negatives") or {}
+    crops = polyp_free_crops(val, float(negatives.get("val_fraction", 0.0)), float(negatives.get("min_side", 0.3)),
+                             int(meta.get("split_seed", 0))) if negatives else []
+    return val, crops
+
+
+def run_vps_eval(gt_root: Path, method_roots: List[Path], protocol: str, out_dir: Path) -> Dict[str, dict]:
+    command = ["vps-eval", "--gt-root", str(gt_root), "--protocol", protocol, "--out-dir", str(out_dir), "--all",
+               "--methods", *[str(m) for m in method_roots]]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    return summary if len(method_roots) > 1 else {method_roots[0].parent.name: summary}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--data", required=True, type=Path, help="clip layout root (<clip>/frames, <clip>/masks)")
-    parser.add_argument("--clips", nargs="*", help="clips to score (default: the checkpoint's validation clips)")
+    parser.add_argument("--data", nargs="+", type=Path, default=DEFAULT_DATA, help="the training run's data roots")
     parser.add_argument("--out", type=Path, default=Path("runs/validation"))
+    parser.add_argument("--cache-dir", type=Path, help="the training run's embedding cache (cache.dir)")
+    parser.add_argument("--split-from", type=Path, help="take the validation split from this checkpoint")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="g, SAM's decoder and h")
     args = parser.parse_args()
 
-    clips = args.clips or read_checkpoint(args.checkpoint)["meta"].get("val_clips")
-    if not clips:
-        sys.exit("validate_model: the checkpoint names no validation clips; pass --clips")
-    samples = [s for s in discover_samples(args.data) if s.group in set(clips)]
+    meta = read_checkpoint(args.split_from or args.checkpoint)["meta"]
+    positives, crops = validation_samples(meta, args.data)
     autosam = load_model_from_checkpoint(args.checkpoint, "autosam")
     light = load_model_from_checkpoint(args.checkpoint, "light")
     sam = autosam.sam
-    gt_root = args.out / "gt"
+    cache = EmbeddingCache(args.cache_dir.expanduser(), sam.backend) if args.cache_dir else None
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())
+    stills = {source: is_stills([s for s in positives if s.source == source]) for source in {s.source for s in positives}}
+    flagged = {method: [] for method in METHODS[:2]}
+    reused = 0
     started = time.perf_counter()
-    with torch.inference_mode():
-        for sample in tqdm(samples, desc="validation frames", unit="frame"):
+    with torch.inference_mode(), autocast:
+        for sample in tqdm(positives + crops, desc="validation images", unit="img"):
             image, mask = read_pair(sample)
             frame = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
             size = tuple(mask.shape)
-            embeddings = sam.encode(frame)
-            name = f"{sample.group}/{sample.image.stem}.png"
-            save_probability(autosam(frame, size, image_embeddings=embeddings), args.out / "AutoSAM" / name)
-            save_probability(light(frame, size), args.out / "Light-h(g(I))" / name)
+            embeddings = cache.get(EmbeddingCache.image_key(image), "identity") if cache else None
+            if embeddings is None:
+                embeddings = sam.encode(frame)
+            else:
+                embeddings, reused = embeddings[None].float(), reused + 1
+            maps = {"AutoSAM": probability_map(autosam(frame, size, image_embeddings=embeddings)),
+                    "Light-h(g(I))": probability_map(light(frame, size))}
+            if sample.source == NEGATIVE_SOURCE:
+                for method, array in maps.items():
+                    flagged[method].append(bool((array > 127).any()))  # some pixel with probability > 0.5
+                continue
             box = box_from_mask(mask, sam.image_size)[None]
-            save_probability(upsample_logits(sam.decode_with_boxes(embeddings, box), size),
-                             args.out / "LiteMedSAM-GT-box" / name)
-            (gt_root / sample.group).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(gt_root / name)
-    print(f"{len(samples)} frames of clips {', '.join(clips)} in {time.perf_counter() - started:.0f} s")
-    methods = ["AutoSAM", "Light-h(g(I))", "LiteMedSAM-GT-box"]
-    command = ["vps-eval", "--gt-root", str(gt_root), "--protocol", "video", "--out-dir", str(args.out / "eval"),
-               "--methods", *[str(args.out / m) for m in methods]]
-    print(" ".join(command), flush=True)
-    sys.exit(subprocess.call(command))
+            maps["LiteMedSAM-GT-box"] = probability_map(upsample_logits(sam.decode_with_boxes(embeddings, box), size))
+            name = relative_path(sample, stills[sample.source])
+            for method, array in maps.items():
+                save_png(array, args.out / method / name)
+            save_png(mask.astype(np.uint8) * 255, args.out / "gt" / name)
+    print(f"{len(positives)} validation images and {len(crops)} polyp-free crops in {time.perf_counter() - started:.0f} s"
+          f" ({reused} SAM embeddings from the cache, the rest encoded here)")
+
+    rows = []
+    for source in sorted(stills):
+        protocol = "image" if stills[source] else "video"
+        summaries = run_vps_eval(args.out / "gt" / source, [args.out / m / source for m in METHODS], protocol,
+                                 args.out / "eval" / source)
+        for method_root, summary in zip(METHODS, summaries.values()):
+            rows.append({"source": source, "protocol": protocol, "method": method_root, **summary})
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out / "validation_summary.csv", index=False)
+    paper = table.pivot(index="method", columns="source", values=["meanDice", "meanIoU"]).loc[METHODS]
+    free = pd.Series({m: float(np.mean(v)) if v else float("nan") for m, v in flagged.items()},
+                     name=f"share of {len(crops)} polyp-free crops with output")
+    columns = ["Smeasure", "meanEm", "wFmeasure", "meanFm", "maxDice", "meanDice", "meanIoU", "meanSen", "Dice@0.5"]
+    pd.set_option("display.width", 200)
+    for source, part in table.groupby("source"):
+        print(f"\n{source} ({part['protocol'].iloc[0]} protocol, vps-eval):")
+        print(part.set_index("method")[columns].to_string(float_format=lambda v: f"{v:.3f}"))
+    print("\nThe AutoSAM paper's format (meanDice / meanIoU per set):")
+    print(paper.to_string(float_format=lambda v: f"{v:.3f}"))
+    print("\nPolyp-free crops (any pixel above 0.5):")
+    print(free.to_string(float_format=lambda v: f"{v:.3f}"))
+    (args.out / "polyp_free.json").write_text(json.dumps({"crops": len(crops), **free.to_dict()}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -171,21 +171,26 @@ def test_float_thresholds_differ_from_eight_bit_bins_like_the_toolbox():
     assert score_frame(pred, gt).curves.shape == (len(CURVE_NAMES), 256)
 
 
-def test_resized_prediction_uses_bilinear_on_probabilities():
-    rng = np.random.default_rng(3)
-    gt = ((rng.random((40, 60)) < 0.3) * 255).astype(np.uint8)
-    pred = rng.integers(0, 256, (20, 30), dtype=np.uint8)
-    prob = cv2.resize(pred / 255.0, (60, 40), interpolation=cv2.INTER_LINEAR)
-    expected = (prob - prob.min()) / (prob.max() - prob.min())
-    normalised, mask, raw = prepare_frame(pred, gt)
-    np.testing.assert_allclose(normalised, expected)
-    np.testing.assert_allclose(raw, prob)
+@pytest.mark.parametrize("pred_shape, gt_shape", [((20, 30), (40, 60)), ((47, 47), (57, 50)), ((64, 48), (30, 33))])
+def test_resized_prediction_is_resized_as_uint8_like_the_toolbox(pred_shape, gt_shape):
+    # the toolbox: cv2.resize(uint8 pred, (gt_w, gt_h)) (bilinear), then /255 and min-max
+    rng = np.random.default_rng(sum(pred_shape + gt_shape))
+    gt = ((rng.random(gt_shape) < 0.3) * 255).astype(np.uint8)
+    pred = cv2.GaussianBlur(rng.integers(0, 256, pred_shape, dtype=np.uint8), (0, 0), 1.5)
+    resized = cv2.resize(pred, (gt_shape[1], gt_shape[0]))
+    assert resized.dtype == np.uint8
+    normalised, _, raw = prepare_frame(pred, gt)
+    np.testing.assert_array_equal(raw, resized / 255)
+    np.testing.assert_allclose(normalised, (resized - resized.min()) / (resized.max() - resized.min()), atol=1e-15)
     scores = score_frame(pred, gt)
-    ref_scalars, ref_curves = pysod_reference(expected, mask, normalize=False)
+    ref_scalars, ref_curves = pysod_reference(resized, gt)
     for name, value in ref_scalars.items():
         assert scores.scalars[SCALAR_NAMES.index(name)] == pytest.approx(value, abs=TOL), name
     for name, curve in ref_curves.items():
-        np.testing.assert_allclose(scores.curves[CURVE_NAMES.index(name)], curve, atol=TOL)
+        np.testing.assert_allclose(scores.curves[CURVE_NAMES.index(name)], curve, atol=TOL, err_msg=name)
+    ref_pred, ref_gt = psm.utils.prepare_data(resized, gt)
+    np.testing.assert_allclose(scores.curves[2:], toolbox_rates_loop(ref_pred, ref_gt), atol=TOL)
+    assert score_frame(resized, gt).scalars == pytest.approx(scores.scalars, abs=1e-12)
 
 
 def test_binary_dice_iou_uses_raw_probability_at_half():

@@ -88,7 +88,8 @@ def test_parallel_equals_serial_and_cache_is_reused(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
     # a cached clip is read back, not recomputed: poison the cache and see it returned
     cached = np.load(tmp_path / "cache" / "clip0.npz")
-    np.savez(tmp_path / "cache" / "clip0.npz", key=cached["key"], scalars=cached["scalars"] + 1, curves=cached["curves"])
+    poisoned = {name: cached[name] for name in cached.files}
+    np.savez(tmp_path / "cache" / "clip0.npz", **{**poisoned, "scalars": cached["scalars"] + 1})
     again = score_clips(clips, "video", cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again[0].scalars, serial[0].scalars + 1)
 
@@ -110,3 +111,55 @@ def test_masks_subfolder_layout(tmp_path):
     cv2.imwrite(str(tmp_path / "01" / "frames" / "001.png"), np.zeros((4, 4), np.uint8))
     clips = find_gt_clips(tmp_path)
     assert [(c.name, [p.parent.name for p in c.gt_frames]) for c in clips] == [("01", ["masks"])]
+
+
+def _kill_on_clip_two(task):
+    """A worker task that dies like an OOM-killed process (SIGKILL) on clip "c2", once clip "c1" is cached."""
+    import os
+    import signal
+    import time
+
+    from eval import protocol
+
+    clip_name = task[0]
+    if clip_name == "c2":
+        cache = Path(os.environ["VPS_EVAL_TEST_CACHE"])
+        deadline = time.monotonic() + 120
+        while not (cache / "c1.npz").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return protocol._score_task(task)  # in a spawned worker eval.protocol is not patched: the real task
+
+
+def test_killed_worker_stops_with_one_line_and_keeps_finished_clips(tmp_path, monkeypatch, capsys):
+    import eval.protocol
+    from eval.cli import main
+
+    write_clip(tmp_path, "c1", 4)
+    write_clip(tmp_path, "c2", 4)
+    out = tmp_path / "out"
+    cache = out / ".cache" / "pred"
+    monkeypatch.setenv("VPS_EVAL_TEST_CACHE", str(cache))
+    # the main process submits _kill_on_clip_two; spawned workers import it from this module
+    monkeypatch.setattr(eval.protocol, "_score_task", _kill_on_clip_two)
+    args = ["--gt-root", str(tmp_path / "gt"), "--pred-root", str(tmp_path / "pred"), "--out-dir", str(out)]
+    assert main(args + ["--workers", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vps-eval: error: a worker process died"), err
+    assert sorted(p.name for p in cache.glob("*.npz")) == ["c1.npz"]
+    monkeypatch.undo()
+    assert main(args + ["--workers", "1"]) == 0
+
+
+def test_image_protocol_summary_is_the_mean_over_all_images():
+    small = ClipScores("a", np.zeros((1, len(SCALAR_NAMES))), np.zeros((1, 6, 256)))
+    large = ClipScores("b", np.ones((3, len(SCALAR_NAMES))), np.ones((3, 6, 256)))
+    assert summarize([small, large], "image")["Smeasure"] == pytest.approx(0.75)
+    assert summarize([small, large], "video")["Smeasure"] == pytest.approx(0.5)
+
+
+def test_frame_number_is_the_last_number_and_unnumbered_names_sort_last():
+    names = ["cover.png", "12_mask.png", "3_mask.png", "img_20.png"]
+    assert [p.name for p in sorted(map(Path, names), key=frame_sort_key)] == [
+        "3_mask.png", "12_mask.png", "img_20.png", "cover.png",
+    ]  # fmt: skip

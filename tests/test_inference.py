@@ -45,6 +45,18 @@ def test_bf16_is_close_to_fp32(tiny_light, frames):
     assert (fp32.int() - bf16.int()).abs().float().mean() < 4
 
 
+@pytest.mark.parametrize("name", ["tiny_light", "tiny_autosam"])
+def test_stills_of_any_size_match_single_frames(request, name):
+    # images of different sizes share a batch; each map equals the one-frame video result at its size
+    engine = SegmentationEngine(copy.deepcopy(request.getfixturevalue(name)), "cpu", "fp32")
+    images = [torch.from_numpy(moving_disc(1, width, height)[0]) for width, height in ((96, 72), (40, 50), (64, 64))]
+    maps = engine.stills(images)
+    assert [tuple(m.shape) for m in maps] == [(72, 96), (50, 40), (64, 64)]
+    for image, got in zip(images, maps):
+        assert got.dtype == torch.uint8
+        assert (got.int() - engine(image[None])[0].int()).abs().max() <= 1
+
+
 def test_input_size(tiny_light, tiny_autosam):
     assert model_input_size(tiny_light) == 64
     assert model_input_size(tiny_autosam) == 64  # tiny SAM and tiny g both take 64 x 64
@@ -89,6 +101,9 @@ def test_precision_and_device_checks():
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+    for name in ("gpu", "meta", "cuda:x"):
+        with pytest.raises(ValueError, match=f"--device {name}: expected auto, cpu, cuda or cuda:N"):
+            resolve_device(name)
 
 
 def test_threshold_uint8_matches_probabilities():

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
 import cv2
+import av
 import numpy as np
 import pytest
 
 import vps  # noqa: F401
-from test_video_io import leftovers, make_frame_folder, make_video
+from eval.readers import find_gt_clips, match_predictions
+from test_video_io import VFR_TIMES, frame_times, leftovers, make_frame_folder, make_vfr_video, make_video
 from vps.cli.segment import main
 from vps.video import probe_video, read_mask_video
 
@@ -116,6 +121,62 @@ def test_autosam_with_litemedsam(tmp_path, capsys, checkpoint):
     assert read_mask_video(tmp_path / "m.mp4").shape == (2, 48, 64)
 
 
+@pytest.mark.parametrize("decoder", ["av", "decord"])
+def test_variable_frame_rate_keeps_timestamps(tmp_path, capsys, checkpoint, decoder):
+    video = make_vfr_video(tmp_path / "vfr.mp4")  # 8 frames over 1.0 s, unevenly spaced
+    code, _, err = segment(capsys, video, "--out", tmp_path / "m.mp4", "--overlay", "--decoder", decoder,
+                           *light(checkpoint))
+    assert code == 0, err
+    for name in ("m.mp4", "m_overlay.mp4"):
+        assert frame_times(tmp_path / name) == pytest.approx(VFR_TIMES, abs=1e-3), name
+        with av.open(str(tmp_path / name)) as container:
+            assert 1.0 < container.duration / av.time_base < 1.1, name  # not 8 frames at the average rate (0.52 s)
+
+
+def test_clip_folder_is_one_clip(tmp_path, capsys, checkpoint):
+    clip = make_frame_folder(tmp_path / "cvc" / "07" / "frames", ["1.png", "2.png"]).parent
+    make_frame_folder(clip / "masks", ["1.png", "2.png"])
+    code, _, err = segment(capsys, clip, "--png-dir", tmp_path / "png", *light(checkpoint))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["07"]
+    code, _, err = segment(capsys, tmp_path / "cvc", "--png-dir", tmp_path / "png2", *light(checkpoint))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "png2").iterdir()) == ["07"]
+    assert sorted(p.name for p in (tmp_path / "png2" / "07").iterdir()) == ["1.png", "2.png"]
+
+
+def write_image(path: Path, width: int, height: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_stills_keep_each_image_size(tmp_path, capsys, checkpoint):
+    sizes = {"a": (64, 48), "b": (90, 40), "c": (33, 71)}  # stem: (width, height)
+    for stem, (width, height) in sizes.items():
+        write_image(tmp_path / "shots" / f"{stem}.png", width, height)
+    code, stdout, err = segment(capsys, tmp_path / "shots", "--stills", "--png-dir", tmp_path / "png",
+                                "--batch-size", 2, *light(checkpoint))
+    assert code == 0, err
+    assert "3 images" in stdout
+    maps = read_pngs(tmp_path / "png" / "shots")
+    assert {stem: (m.shape[1], m.shape[0]) for stem, m in maps.items()} == sizes
+    assert all(m.dtype == np.uint8 for m in maps.values())
+    assert leftovers(tmp_path) == []
+
+
+def test_stills_kvasir_root_in_the_layout_vps_eval_reads(tmp_path, capsys, checkpoint):
+    root = tmp_path / "Kvasir"
+    for stem, width in (("cju0", 70), ("cju1", 52)):
+        write_image(root / "images" / f"{stem}.jpg", width, 40)
+        write_image(root / "masks" / f"{stem}.jpg", width, 40)
+    code, _, err = segment(capsys, root, "--stills", "--png-dir", tmp_path / "png", *light(checkpoint))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["Kvasir"]  # images/ only, named after root
+    clips = find_gt_clips(root / "masks")  # vps-eval --protocol image --gt-root Kvasir/masks --pred-root png/Kvasir
+    assert match_predictions(clips, tmp_path / "png" / "Kvasir") == []
+    assert cv2.imread(str(clips[0].predictions[0]), cv2.IMREAD_UNCHANGED).shape == (40, 70)
+
+
 # ---- errors: one line, exit status 2, no output ----------------------------------------------
 
 
@@ -140,7 +201,7 @@ def truncated_video(tmp_path) -> Path:
     ("missing", "input not found"),
     ("not_video", "not a readable video"),
     ("truncated", "decoding failed at frame"),
-    ("mixed_sizes", "mixed sizes"),
+    ("mixed_sizes", "mixed sizes; for images of different sizes use --stills"),
     ("non_image", "not an image: readme.txt"),
 ])
 def test_bad_inputs(tmp_path, capsys, checkpoint, case, pattern):
@@ -199,6 +260,94 @@ def test_usage_errors(tmp_path, capsys, checkpoint, monkeypatch):
     code, _, err = segment(capsys, video, "--out", tmp_path / "m.mp4")
     assert_error(code, err, "is not installed; pass --checkpoint")
     assert list(tmp_path.glob("*.mp4")) == [video]
+
+
+@pytest.mark.parametrize("options, pattern", [
+    (["--out", "m.mp4", "--device", "gpu"], "--device gpu: expected auto, cpu, cuda or cuda:N"),
+    (["--out", "m.mp4", "--threads", "-2"], "--threads must be at least 1"),
+    (["--out", "m.mp4", "--fps", "0"], "--fps must be a positive number"),
+    (["--out", "m.mp4", "--model", "big"], "argument --model: invalid choice: 'big'"),
+    (["--out", "m.mp4", "--batch-size", "two"], "argument --batch-size: invalid int value: 'two'"),
+    (["--out", "m.mp4", "--stills"], "--stills writes probability maps only"),
+    (["--png-dir", "P", "--stills", "--smooth", "3"], "--smooth works across the frames of a video"),
+])
+def test_option_errors_are_one_line(tmp_path, capsys, checkpoint, monkeypatch, options, pattern):
+    folder = make_frame_folder(tmp_path / "frames", ["1.png", "2.png"])
+    monkeypatch.chdir(tmp_path)
+    code, _, err = segment(capsys, folder, *light(checkpoint), *options)
+    assert_error(code, err, pattern)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
+
+
+def test_stills_refuse_videos(tmp_path, capsys, checkpoint):
+    video = make_video(tmp_path / "clip.mp4", count=2)
+    code, _, err = segment(capsys, video, "--stills", "--png-dir", tmp_path / "png", *light(checkpoint))
+    assert_error(code, err, "--stills takes folders of images, not videos")
+
+
+def nothing_new(root: Path, before: set) -> bool:
+    return {p for p in root.rglob("*")} == before
+
+
+def test_two_outputs_on_one_path_are_refused(tmp_path, capsys, checkpoint):
+    video = make_video(tmp_path / "clip.mp4", count=2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    before = set(tmp_path.rglob("*"))
+    for options in (["--out", tmp_path / "out" / "x.mp4", "--overlay", tmp_path / "out" / "x.mp4"],
+                    ["--out", tmp_path / "out" / "x.mp4", "--overlay", tmp_path / "link" / "x.mp4"],
+                    ["--out", tmp_path / "out" / "clip" / "x.mp4", "--png-dir", tmp_path / "link" / ".." / "out"]):
+        code, _, err = segment(capsys, video, *options, "--overwrite", *light(checkpoint))
+        assert code == 2 and err.count("\n") == 1 and "vps-segment: error: " in err, err
+        assert "two outputs on one path" in err or "is inside the PNG folder" in err, err
+        assert nothing_new(tmp_path, before)
+
+
+@pytest.mark.parametrize("case", ["video", "video_symlink", "png_dir_is_parent", "png_dir_inside",
+                                  "video_in_frame_folder", "clip_layout_parent", "png_folder_holds_video"])
+def test_outputs_never_replace_inputs(tmp_path, capsys, checkpoint, case):
+    video = make_video(tmp_path / "in.mp4", count=2)
+    (tmp_path / "alias.mp4").symlink_to(video)
+    (tmp_path / "clips").mkdir()
+    held = make_video(tmp_path / "clips" / "clips.mp4", count=2)
+    data = tmp_path / "data"
+    make_frame_folder(data / "clipA", ["1.png", "2.png"])
+    make_frame_folder(data / "clipB" / "frames", ["1.png"])
+    make_frame_folder(data / "clipB" / "masks", ["1.png"])
+    argv = {
+        "video": [video, "--out", video],
+        "video_symlink": [tmp_path / "alias.mp4", "--overlay", video],
+        "png_dir_is_parent": [data / "clipA", "--png-dir", data],
+        "png_dir_inside": [data / "clipA", "--png-dir", data / "clipA"],
+        "video_in_frame_folder": [data / "clipA", "--out", data / "clipA" / "m.mp4"],
+        "clip_layout_parent": [data / "clipB", "--png-dir", data],  # would replace data/clipB: frames and masks
+        "png_folder_holds_video": [held, "--png-dir", tmp_path],  # the PNG folder tmp_path/clips holds the input
+    }[case]
+    before = sorted(tmp_path.rglob("*"))
+    contents = {p: p.read_bytes() for p in before if p.is_file()}
+    code, _, err = segment(capsys, *argv, "--overwrite", *light(checkpoint))
+    assert_error(code, err, "outputs never replace inputs")
+    assert sorted(tmp_path.rglob("*")) == before
+    assert {p: p.read_bytes() for p in before if p.is_file()} == contents
+
+
+def test_logs_off_a_terminal_have_no_bars(tmp_path, checkpoint):
+    good = make_video(tmp_path / "good.mp4", count=12)
+    bad = truncated_video(tmp_path)  # decoding fails part way
+    log = tmp_path / "log.txt"
+    with open(log, "w") as stderr:
+        argv = [good, bad, "--out-dir", tmp_path / "out", "--model", "light", "--checkpoint", checkpoint,
+                "--batch-size", 2]  # no --quiet
+        result = subprocess.run([sys.executable, "-m", "vps.cli.segment", *map(str, argv)],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "TERM": "xterm"})
+    text = log.read_text()
+    assert result.returncode == 2
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert "vps-segment: good: 12/12 (100 %)" in "\n".join(lines)  # periodic one-line summaries
+    assert 3 <= len([line for line in lines if line.startswith("vps-segment: good: ")]) <= 11
+    assert lines[-1].startswith("vps-segment: error: ") and "decoding failed at frame" in lines[-1]
+    assert all(line.startswith("vps-segment: ") for line in lines if "vps-segment: " in line), text  # none glued
 
 
 def test_interrupt_leaves_no_partial_files(tmp_path, capsys, checkpoint, monkeypatch):

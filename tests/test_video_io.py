@@ -38,6 +38,32 @@ def make_frame_folder(folder: Path, names, width: int = 64, height: int = 48) ->
     return folder
 
 
+VFR_TIMES = [0, 0.04, 0.08, 0.2, 0.24, 0.4, 0.44, 1.0]  # seconds: a variable frame rate
+
+
+def make_vfr_video(path: Path, times=VFR_TIMES, width: int = 64, height: int = 48) -> Path:
+    """An H.264 mp4 whose frames are shown at ``times`` (seconds), written with PyAV."""
+    time_base = Fraction(1, 100)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = time_base
+        for seconds, array in zip(times, moving_disc(len(times), width, height)):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = round(seconds / time_base), time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def frame_times(path: Path) -> list:
+    """The presentation time of every frame of a video, in seconds."""
+    with av.open(str(path)) as container:
+        return [float(frame.time) for frame in container.decode(video=0)]
+
+
 def leftovers(folder: Path) -> list:
     """Temporary (partial) files or folders anywhere under ``folder``."""
     return [p for p in Path(folder).rglob("*") if ".partial" in p.name]
@@ -52,7 +78,7 @@ def test_frame_folder_natural_order(tmp_path):
     sun = ["case1_3_a_10.jpg", "case1_3_a_2.jpg", "case1_3_a_1.jpg", "case1_3_a_100.jpg"]
     make_frame_folder(tmp_path / "sun", sun)
     source = open_source(find_clips(tmp_path / "sun")[0])
-    assert [name for name, _ in source] == ["case1_3_a_1", "case1_3_a_2", "case1_3_a_10", "case1_3_a_100"]
+    assert [name for name, _, _ in source] == ["case1_3_a_1", "case1_3_a_2", "case1_3_a_10", "case1_3_a_100"]
     assert source.info.num_frames == 4 and (source.info.width, source.info.height) == (64, 48)
 
 
@@ -64,8 +90,15 @@ def test_find_clips_layouts(tmp_path):
     assert [c.case for c in find_clips(tmp_path / "sunseg")] == ["case2", "case10"]
     make_frame_folder(tmp_path / "cvc" / "01" / "frames", ["001.png"])
     (tmp_path / "cvc" / "01" / "masks").mkdir()
+    make_frame_folder(tmp_path / "cvc" / "02" / "frames", ["001.png"])
+    make_frame_folder(tmp_path / "cvc" / "02" / "masks", ["001.png"])
     clips = find_clips(tmp_path / "cvc")
-    assert [(c.case, c.path.name, c.kind) for c in clips] == [("01", "frames", "frames")]
+    assert [(c.case, c.path.name, c.kind) for c in clips] == [("01", "frames", "frames"), ("02", "frames", "frames")]
+    # one clip folder of that layout is one clip, named after the clip; its masks are not a clip
+    assert find_clips(tmp_path / "cvc" / "02") == [Clip("02", tmp_path / "cvc" / "02" / "frames", "frames")]
+    kvasir = make_frame_folder(tmp_path / "Kvasir" / "images", ["a.png"]).parent
+    make_frame_folder(kvasir / "masks", ["a.png"])
+    assert find_clips(kvasir) == [Clip("Kvasir", kvasir / "images", "frames")]
     with pytest.raises(InputError, match="not found"):
         find_clips(tmp_path / "missing.mp4")
     (tmp_path / "empty").mkdir()
@@ -79,17 +112,33 @@ def test_video_source(tmp_path, decoder):
     source = open_source(find_clips(video)[0], decoder)
     frames = list(source)
     assert source.info == VideoInfo(96, 72, Fraction(30000, 1001), 9)
-    assert [name for name, _ in frames] == [f"{i:06d}" for i in range(9)]
+    assert [name for name, _, _ in frames] == [f"{i:06d}" for i in range(9)]
     assert frames[4][1].shape == (72, 96, 3) and frames[4][1].dtype == np.uint8
     # the disc survives compression: bright red inside, dark outside
     expected = moving_disc(9, 96, 72)
     assert np.abs(frames[4][1].astype(int) - expected[4]).mean() < 4
 
 
+def test_pyav_is_the_default_decoder(tmp_path):
+    # decord decodes ahead without bound when the model is slower: memory grows with the video's length
+    video = make_video(tmp_path / "clip.mp4", count=2)
+    assert open_source(find_clips(video)[0]).decoder == "av"
+
+
+@pytest.mark.parametrize("decoder", ["av", "decord"])
+def test_sources_give_the_input_timestamps(tmp_path, decoder):
+    source = open_source(find_clips(make_vfr_video(tmp_path / "vfr.mp4"))[0], decoder)
+    seconds = [float(pts * source.info.time_base) for _, _, pts in source]
+    assert seconds == pytest.approx(VFR_TIMES, abs=1e-3)
+    folder = make_frame_folder(tmp_path / "frames", ["1.png", "2.png", "3.png"])
+    source = open_source(find_clips(folder)[0], fps=Fraction(30))
+    assert [float(pts * source.info.time_base) for _, _, pts in source] == pytest.approx([0, 1 / 30, 2 / 30])
+
+
 def test_decord_and_av_agree(tmp_path):
     video = make_video(tmp_path / "clip.mkv", count=5)
-    a = np.stack([f for _, f in open_source(find_clips(video)[0], "decord")])
-    b = np.stack([f for _, f in open_source(find_clips(video)[0], "av")])
+    a = np.stack([f for _, f, _ in open_source(find_clips(video)[0], "decord")])
+    b = np.stack([f for _, f, _ in open_source(find_clips(video)[0], "av")])
     assert a.shape == b.shape == (5, 48, 64, 3)
     assert np.abs(a.astype(int) - b).max() <= 3
 
@@ -131,8 +180,10 @@ def test_zero_frame_video(tmp_path):
 def test_frame_folder_errors(tmp_path):
     mixed = make_frame_folder(tmp_path / "mixed", ["1.png", "2.png"])
     cv2.imwrite(str(mixed / "3.png"), np.zeros((20, 30, 3), np.uint8))
-    with pytest.raises(InputError, match="mixed sizes"):
+    with pytest.raises(InputError, match="mixed sizes.*--stills"):
         list(FrameFolderSource(find_clips(mixed)[0]))
+    sizes = [frame.shape for _, frame, _ in FrameFolderSource(find_clips(mixed)[0], any_size=True)]
+    assert sizes == [(48, 64, 3), (48, 64, 3), (20, 30, 3)]
     notes = make_frame_folder(tmp_path / "notes", ["1.png"])
     (notes / "notes.txt").write_text("hello")
     (notes / ".DS_Store").write_text("ignored")
@@ -155,7 +206,7 @@ class ListSource:
         for i, frame in enumerate(self.frames):
             if i == self.fail_at:
                 raise InputError(f"decoding failed at frame {i}")
-            yield str(i), frame
+            yield str(i), frame, i
 
     def close(self):
         pass
@@ -201,6 +252,16 @@ def test_mask_video_is_lossless(tmp_path):
     assert np.array_equal(read_mask_video(tmp_path / "masks.mp4"), np.stack(masks))
     assert probe_video(tmp_path / "masks.mp4") == info
     assert leftovers(tmp_path) == []
+
+
+def test_mask_writer_keeps_timestamps(tmp_path):
+    info = VideoInfo(64, 48, Fraction(25), None, time_base=Fraction(1, 1000))
+    writer = MaskVideoWriter(tmp_path / "masks.mp4", info)
+    # timestamps count from the first frame; missing or backward ones become one nominal frame later
+    for pts in (500, 540, 700, None, 650, 2000):
+        writer.write(np.zeros((48, 64), np.uint8), pts)
+    writer.close()
+    assert frame_times(tmp_path / "masks.mp4") == pytest.approx([0, 0.04, 0.2, 0.24, 0.241, 1.5], abs=1e-3)
 
 
 def test_writers_abort_leave_nothing(tmp_path):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
-from typing import Any, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import yaml
 
@@ -42,11 +43,190 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
         if keys[-1] not in node:
             raise ConfigError(f"override '{override}': unknown key '{dotted}' (known here: {', '.join(node)})")
         try:
-            node[keys[-1]] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override '{override}': cannot parse value '{raw}'") from None
+        if isinstance(node[keys[-1]], dict) and not isinstance(value, dict):
+            raise ConfigError(f"override '{override}': '{dotted}' is a section, not a value; set one of its keys "
+                              f"({', '.join(f'{dotted}.{k}' for k in node[keys[-1]])})")
+        node[keys[-1]] = value
     return config
 
 
 def save_config(config: Dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    """Writes the YAML under a temporary name and renames it, so a reader never sees half a file."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(yaml.safe_dump(config, sort_keys=False))
+    temporary.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation. The schema lists the keys the trainer reads: key -> (kind, required). Only listed keys are checked;
+# keys the schema does not list (new sections, backend-specific settings) pass untouched. A key whose section is
+# absent is not checked (a required section reports itself).
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_float(value: Any) -> Optional[float]:
+    """A finite number, also from a string such as '3e-4' (YAML 1.1 reads that as a string); None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _choices(module: str, name: str, extra: Tuple[str, ...] = ()) -> Callable[[], Tuple[str, ...]]:
+    def names() -> Tuple[str, ...]:
+        import importlib
+
+        return (*extra, *getattr(importlib.import_module(module), name))
+    return names
+
+
+_SAM_BACKENDS = _choices("vps.modeling.build_sam", "SAM_BACKENDS")
+_VIEWS = _choices("vps.train.augment", "VIEWS")
+_PRECISIONS = _choices("vps.inference", "PRECISIONS", ("auto",))
+
+# kind -> (check(value) -> bool, what is expected); float kinds also accept numeric strings, stored as floats
+KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "section": (lambda v: isinstance(v, dict), "a section of key: value settings"),
+    "section?": (lambda v: v is None or isinstance(v, dict), "a section of key: value settings or null"),
+    "int": (_is_int, "an integer"),
+    "int>=0": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "int>=1": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "float>0": (lambda v: (_as_float(v) or 0) > 0, "a number > 0"),
+    "float>=0": (lambda v: _as_float(v) is not None and _as_float(v) >= 0, "a number >= 0"),
+    "fraction": (lambda v: _as_float(v) is not None and 0 <= _as_float(v) < 1, "a number in [0, 1)"),
+    "share": (lambda v: _as_float(v) is not None and 0 <= _as_float(v) <= 1, "a number in [0, 1]"),
+    "schedule": (lambda v: v in ("constant", "cosine"), "constant or cosine"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "str?": (lambda v: v is None or (isinstance(v, str) and v != ""), "a path or null"),
+    "paths": (lambda v: (isinstance(v, str) and v != "") or (isinstance(v, list) and len(v) > 0 and all(
+        isinstance(p, str) and p != "" for p in v)), "a folder or a non-empty list of folders"),
+    "names?": (lambda v: v is None or (isinstance(v, list) and all(isinstance(n, (str, int)) for n in v)),
+               "a list of clip names or null"),
+    "scale?": (lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(
+        (_as_float(x) or 0) > 0 for x in v)), "null or [min, max] scale factors > 0"),
+    "backend": (lambda v: v in _SAM_BACKENDS(), "one of " + "|".join(("litemedsam", "vit_b", "vit_l", "vit_h"))),
+    "views": (lambda v: isinstance(v, list) and len(v) > 0 and all(x in _VIEWS() for x in v),
+              "a non-empty list of views (identity, hflip, vflip, rot90, rot180, rot270)"),
+    "precision": (lambda v: v in _PRECISIONS(), "one of auto|fp32|bf16|fp16"),
+}
+FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share")
+
+_STAGE_SCHEMA = {"epochs": ("int>=1", True), "batch_size": ("int>=1", True), "lr": ("float>0", True),
+                 "weight_decay": ("float>=0", True), "schedule": ("schedule", False),
+                 "warmup_epochs": ("int>=0", False), "min_lr": ("float>=0", False)}
+SCHEMA: Dict[str, Tuple[str, bool]] = {
+    "model": ("section", True),
+    "model.sam": ("section", True),
+    "model.sam.backend": ("backend", True),
+    "model.sam.checkpoint": ("str?", False),
+    "model.prompt_generator": ("section", True),
+    "model.surrogate": ("section?", False),
+    "data": ("section", True),
+    "data.root": ("paths", True),
+    "data.val_clips": ("names?", False),
+    "data.val_fraction": ("fraction", False),
+    "data.split_seed": ("int", False),
+    "data.mask_size": ("int>=1", False),
+    "data.negatives": ("section?", False),
+    "data.negatives.train_fraction": ("share", False),
+    "data.negatives.val_fraction": ("share", False),
+    "data.negatives.min_side": ("fraction", False),
+    "augment": ("section?", False),
+    "augment.hflip": ("bool", False),
+    "augment.vflip": ("bool", False),
+    "augment.rotate": ("float>=0", False),
+    "augment.scale": ("scale?", False),
+    "augment.color_jitter": ("section?", False),
+    "cache": ("section", False),
+    "cache.enabled": ("bool", False),
+    "cache.dir": ("str", False),
+    "cache.views": ("views", False),
+    "runtime": ("section", False),
+    "runtime.device": ("str", False),
+    "runtime.precision": ("precision", False),
+    "runtime.num_workers": ("int>=0", False),
+    "runtime.seed": ("int", False),
+    "train_g": ("section", True),
+    **{f"train_g.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
+    "train_h": ("section", True),
+    **{f"train_h.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
+}
+
+
+def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Checks every key listed in ``SCHEMA``; returns a copy with numbers given as strings ('3e-4') made floats.
+
+    Raises ConfigError naming the first bad key, what it must be and what it is. Epochs must be >= 1 (there is
+    no "0 epochs = skip": choose the stages with ``--stage``).
+    """
+    if not isinstance(config, dict):
+        raise ConfigError("the config is not a mapping of settings")
+    config = copy.deepcopy(config)
+    for dotted, (kind, required) in SCHEMA.items():
+        *parents, key = dotted.split(".")
+        node: Any = config
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue  # the section is absent or null: its own rule reports it if it is required
+        if key not in node:
+            if required:
+                raise ConfigError(f"{dotted} is missing from the config (it must be {KINDS[kind][1]})")
+            continue
+        check, expected = KINDS[kind]
+        if not check(node[key]):
+            raise ConfigError(f"{dotted} must be {expected}, got {node[key]!r}")
+        if kind in FLOAT_KINDS and isinstance(node[key], str):
+            node[key] = float(node[key])
+    if isinstance(config.get("cache"), dict) and config["cache"].get("enabled") and "dir" not in config["cache"]:
+        raise ConfigError("cache.dir is missing from the config (needed with cache.enabled: true)")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume: a run continues with its own resolved config (<run>/config.yaml), not with the config file given again.
+
+# Overrides that may change on resume; any other override must repeat the saved value.
+RESUME_MAY_CHANGE = ("train_g.epochs", "train_h.epochs", "runtime", "cache.dir")
+
+
+def _lookup(config: Dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def resume_config(run_dir: str | Path, overrides: Iterable[str]) -> Dict[str, Any]:
+    """The saved config of the run in ``run_dir`` with ``overrides`` applied, validated.
+
+    Only the epochs of either stage, ``runtime.*`` and ``cache.dir`` may change: an override that changes any other
+    key (data, model, augmentation, cache views, learning rate, batch size, ...) is a ConfigError naming the key.
+    """
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no run to resume (no config.yaml); start it without --resume")
+    overrides = list(overrides)
+    saved = validate_config(load_config(saved_path))
+    config = validate_config(apply_overrides(saved, overrides))
+    for override in overrides:
+        dotted = override.split("=", 1)[0].strip()
+        if any(dotted == key or dotted.startswith(key + ".") for key in RESUME_MAY_CHANGE):
+            continue
+        if _lookup(config, dotted) != _lookup(saved, dotted):
+            raise ConfigError(f"--resume: {dotted} cannot change on resume (the run in {run_dir} has "
+                              f"{_lookup(saved, dotted)!r}); only {', '.join(RESUME_MAY_CHANGE[:2])}, runtime.* and "
+                              f"cache.dir may; start a new run with another --out")
+    return config

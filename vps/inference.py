@@ -8,7 +8,7 @@ resize the full frame; the logits are upsampled back to the frame size on the de
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +25,16 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -80,6 +87,22 @@ def model_input_size(model: nn.Module) -> Optional[int]:
     if isinstance(model, AutoSAM) and model.sam.image_size == model.prompt_generator.input_size:
         return model.sam.image_size
     return None
+
+
+def stills_input_size(model: nn.Module) -> Optional[int]:
+    """The square side stills of any size are resized to, so that they share a batch: the model's
+    input size, or SAM's (the larger) where SAM and g differ."""
+    size = model_input_size(model)
+    if size is None and isinstance(model, AutoSAM):
+        size = model.sam.image_size
+    return size
+
+
+def resize_images(images: torch.Tensor, side: int) -> torch.Tensor:
+    """B x 3 x H x W float -> B x 3 x side x side (bilinear, antialiased when shrinking)."""
+    if images.shape[-2:] == (side, side):
+        return images
+    return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
 
 def probabilities_to_uint8(probabilities: torch.Tensor) -> torch.Tensor:
@@ -142,6 +165,7 @@ class SegmentationEngine:
         self.channels_last = optimize
         self.model = optimize_for_inference(model, self.device, channels_last=optimize, fuse=optimize)
         self.input_size = model_input_size(model) if resize_on_device else None
+        self.stills_size = stills_input_size(model)
         self.smoother = ExponentialSmoother(smooth)
 
     def reset(self) -> None:
@@ -151,27 +175,48 @@ class SegmentationEngine:
     def images(self, frames: torch.Tensor) -> torch.Tensor:
         """B x H x W x 3 uint8 (CPU, pinned on CUDA) -> B x 3 x h x w float in [0, 1] on the device."""
         images = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        if self.input_size is not None and images.shape[-2:] != (self.input_size, self.input_size):
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
-                                   align_corners=False, antialias=True)
+        if self.input_size is not None:
+            images = resize_images(images, self.input_size)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
+
+    def _forward(self, images: torch.Tensor, size: Optional[tuple]) -> torch.Tensor:
+        """B x 3 x h x w images -> B x 1 x h' x w' float32 logits (``size`` when given, else the model's own)."""
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            if isinstance(self.model, (AutoSAM, LightModel)):
+                logits = self.model.low_res_logits(images) if size is None else self.model(images, output_size=size)
+            else:
+                logits = self.model(images)
+        return logits.float()
 
     @torch.inference_mode()
     def logits(self, frames: torch.Tensor) -> torch.Tensor:
         """B x H x W x 3 uint8 -> B x H x W float32 logits at the frames' size, on the device."""
         size = tuple(frames.shape[1:3])
-        images = self.images(frames)
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            if isinstance(self.model, (AutoSAM, LightModel)):
-                logits = self.model(images, output_size=size)
-            else:
-                logits = self.model(images)
-        logits = logits.float()
+        logits = self._forward(self.images(frames), size)
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits[:, 0]
+
+    @torch.inference_mode()
+    def stills(self, frames: List[torch.Tensor]) -> List[torch.Tensor]:
+        """H x W x 3 uint8 images of any sizes -> one H x W uint8 probability map each, on the CPU.
+
+        Every image is resized to the model's fixed input on the device, so images of different
+        sizes share one batch; each map is upsampled back to its own image's size. No smoothing:
+        stills are independent images.
+        """
+        if self.stills_size is None:
+            raise ValueError("stills need a model with a fixed input size (AutoSAM or the light model)")
+        images = torch.cat([resize_images(self.images(frame[None]), self.stills_size) for frame in frames])
+        logits = self._forward(images, None)
+        maps = []
+        for logit, frame in zip(logits, frames):
+            size = tuple(frame.shape[:2])
+            logit = F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            maps.append(probabilities_to_uint8(torch.sigmoid(logit)).cpu())
+        return maps
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:

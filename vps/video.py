@@ -1,9 +1,9 @@
 """Video and frame I/O for ``vps-segment``: frame sources, a prefetching reader, atomic writers.
 
-Sources stream frames one at a time (a video file through decord or PyAV, a folder of images, a
-SUN-SEG style root with one folder per clip); nothing holds a whole video in memory. Writers put
-their output under a temporary name in the destination folder and rename it only when the clip is
-complete, so an error or Ctrl-C never leaves a half-written file behind.
+Sources stream frames one at a time with their timestamps (a video file through PyAV or decord, a
+folder of images, a SUN-SEG style root with one folder per clip); nothing holds a whole video in
+memory. Writers put their output under a temporary name in the destination folder and rename it
+only when the clip is complete, so an error or Ctrl-C never leaves a half-written file behind.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import queue
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -24,14 +24,16 @@ from natsort import natsorted
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-DECODERS = ("decord", "av")
+DECODERS = ("av", "decord")
 DEFAULT_FOLDER_FPS = Fraction(25)
 
 # H.264 with a constant quantiser of 0 is lossless; with the "gray" pixel format the luma plane is
 # the mask itself, so decoded masks equal the written ones bit for bit (tests check it).
 MASK_CODEC = "libx264"
 MASK_CODEC_OPTIONS = {"qp": "0", "preset": "veryfast"}
-OVERLAY_CODEC_OPTIONS = {"crf": "20", "preset": "veryfast"}
+# No B-frames in the overlay: with reordered frames the container's duration comes from decode
+# timestamps, which lag a variable-frame-rate clip's last frames (a 1.04 s clip would say 0.55 s).
+OVERLAY_CODEC_OPTIONS = {"crf": "20", "preset": "veryfast", "bf": "0"}
 
 
 class InputError(ValueError):
@@ -47,7 +49,7 @@ class Clip:
 
     case: str
     path: Path
-    kind: str  # "video" or "frames"
+    kind: str  # "video", "frames" or "stills" (images of any size, segmented one by one)
 
 
 def _is_hidden(path: Path) -> bool:
@@ -86,6 +88,8 @@ def find_clips(path: str | Path) -> List[Clip]:
 
     - a video file: one clip named after its stem;
     - a folder of images: one clip named after the folder;
+    - a clip folder (``<clip>/frames``, ``<clip>/Frame`` or Kvasir's ``<clip>/images``, beside
+      ``masks/``, which is ignored): one clip named after ``<clip>``;
     - a SUN-SEG style root (``Frame/<case>/*.jpg``), or a folder of clip folders (``<case>/*.png`` or
       ``<case>/frames/*.png``): one clip per case folder;
     - a folder of video files: one clip per video.
@@ -99,8 +103,9 @@ def find_clips(path: str | Path) -> List[Clip]:
         return [Clip(path.stem, path, "video")]
     if not os.access(path, os.R_OK | os.X_OK):
         raise InputError(f"cannot read folder {path}: permission denied")
-    if _has_images(path):
-        return [Clip(path.name, path, "frames")]
+    frames = _frame_folder_of(path)
+    if frames is not None:
+        return [Clip(path.name, frames, "frames")]
     root = path / "Frame" if (path / "Frame").is_dir() else path
     clips = []
     for child in natsorted((p for p in root.iterdir() if not _is_hidden(p)), key=lambda p: p.name):
@@ -139,8 +144,9 @@ class VideoInfo:
 
     width: int
     height: int
-    fps: Fraction
+    fps: Fraction  # the average rate; frame times are the source's timestamps, in time_base units
     num_frames: Optional[int]  # None when the container does not say
+    time_base: Optional[Fraction] = field(default=None, compare=False)  # None: 1 / fps
 
 
 def quiet_decoders() -> None:
@@ -177,22 +183,25 @@ def probe_video(path: Path) -> VideoInfo:
             fps = stream.average_rate or stream.guessed_rate or stream.base_rate
             frames = stream.frames or None
             width, height = stream.codec_context.width, stream.codec_context.height
+            time_base = stream.time_base
     except InputError:
         raise
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: not a readable video ({_first_line(error)})") from None
     if not width or not height:
         raise InputError(f"{path}: not a readable video (no frame size)")
-    return VideoInfo(width, height, Fraction(fps) if fps else DEFAULT_FOLDER_FPS, frames)
+    return VideoInfo(width, height, Fraction(fps) if fps else DEFAULT_FOLDER_FPS, frames,
+                     Fraction(time_base) if time_base else None)
 
 
 class FrameSource:
-    """Iterates over (name, frame) pairs: frame is H x W x 3 uint8 RGB. ``info`` describes the clip."""
+    """Iterates over (name, frame, pts) triples: frame is H x W x 3 uint8 RGB, pts its timestamp in
+    ``info.time_base`` units (None when the source has none). ``info`` describes the clip."""
 
     clip: Clip
     info: VideoInfo
 
-    def __iter__(self) -> Iterator[Tuple[str, np.ndarray]]:
+    def __iter__(self) -> Iterator[Tuple[str, np.ndarray, Optional[int]]]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -205,9 +214,14 @@ def video_frame_name(index: int) -> str:
 
 
 class VideoFileSource(FrameSource):
-    """A video file decoded frame by frame with decord (default) or PyAV."""
+    """A video file decoded frame by frame with PyAV (default) or decord.
 
-    def __init__(self, clip: Clip, decoder: str = "decord") -> None:
+    decord decodes ahead in a thread of its own with no bound: when the model is slower than
+    decoding, the decoded frames pile up and memory grows with the video's length. PyAV decodes
+    only when asked, so the prefetcher's bounded queue bounds memory.
+    """
+
+    def __init__(self, clip: Clip, decoder: str = "av") -> None:
         if decoder not in DECODERS:
             raise InputError(f"unknown decoder '{decoder}'; expected one of {', '.join(DECODERS)}")
         self.clip = clip
@@ -233,15 +247,15 @@ class VideoFileSource(FrameSource):
         except Exception:  # decord raises its own DECORDError or RuntimeError
             return None
 
-    def __iter__(self) -> Iterator[Tuple[str, np.ndarray]]:
+    def __iter__(self) -> Iterator[Tuple[str, np.ndarray, Optional[int]]]:
         frames = self._iter_decord() if self.decoder == "decord" else self._iter_av()
         count = 0
         try:
-            for frame in frames:
+            for frame, pts in frames:
                 if frame.shape[:2] != (self.info.height, self.info.width):
                     raise InputError(f"{self.clip.path}: frame {count} is {frame.shape[1]}x{frame.shape[0]}, "
                                      f"expected {self.info.width}x{self.info.height}")
-                yield video_frame_name(count), frame
+                yield video_frame_name(count), frame, pts
                 count += 1
         except InputError:
             raise
@@ -253,34 +267,42 @@ class VideoFileSource(FrameSource):
             raise InputError(f"{self.clip.path}: decoding failed at frame {count} of {self.info.num_frames} "
                              "(truncated or corrupt video)")
 
-    def _iter_decord(self) -> Iterator[np.ndarray]:
+    def _iter_decord(self) -> Iterator[Tuple[np.ndarray, Optional[int]]]:
         reader = self._reader
-        for _ in range(len(reader)):
-            yield reader.next().asnumpy()
+        time_base = self.info.time_base
+        for index in range(len(reader)):
+            frame = reader.next().asnumpy()
+            seconds = float(reader.get_frame_timestamp(index)[0])  # decord gives seconds, start and end
+            yield frame, round(seconds / time_base) if time_base else None
 
-    def _iter_av(self) -> Iterator[np.ndarray]:
+    def _iter_av(self) -> Iterator[Tuple[np.ndarray, Optional[int]]]:
         import av
 
         with av.open(str(self.clip.path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24")
+                yield frame.to_ndarray(format="rgb24"), frame.pts
 
     def close(self) -> None:
         self._reader = None
 
 
 class FrameFolderSource(FrameSource):
-    """A folder of images, in natural order; every frame must have the first one's size."""
+    """A folder of images, in natural order, one every 1 / fps seconds.
 
-    def __init__(self, clip: Clip, fps: Fraction = DEFAULT_FOLDER_FPS) -> None:
+    Every frame must have the first one's size, unless ``any_size`` (stills: each image is
+    segmented at its own size).
+    """
+
+    def __init__(self, clip: Clip, fps: Fraction = DEFAULT_FOLDER_FPS, any_size: bool = False) -> None:
         self.clip = clip
+        self.any_size = any_size
         self.paths = list_frames(clip.path)
         if not self.paths:
             raise InputError(f"{clip.path}: no frames")
         height, width = self._read(self.paths[0]).shape[:2]
-        self.info = VideoInfo(width, height, Fraction(fps), len(self.paths))
+        self.info = VideoInfo(width, height, Fraction(fps), len(self.paths), 1 / Fraction(fps))
 
     def _read(self, path: Path) -> np.ndarray:
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -288,19 +310,20 @@ class FrameFolderSource(FrameSource):
             raise InputError(f"{path}: not a readable image")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
-    def __iter__(self) -> Iterator[Tuple[str, np.ndarray]]:
-        for path in self.paths:
+    def __iter__(self) -> Iterator[Tuple[str, np.ndarray, Optional[int]]]:
+        for index, path in enumerate(self.paths):
             frame = self._read(path)
-            if frame.shape[:2] != (self.info.height, self.info.width):
+            if not self.any_size and frame.shape[:2] != (self.info.height, self.info.width):
                 raise InputError(f"{path}: frame is {frame.shape[1]}x{frame.shape[0]}, the folder's first frame "
-                                 f"is {self.info.width}x{self.info.height} (mixed sizes)")
-            yield path.stem, frame
+                                 f"is {self.info.width}x{self.info.height} (mixed sizes; for images of different "
+                                 "sizes use --stills)")
+            yield path.stem, frame, index
 
 
-def open_source(clip: Clip, decoder: str = "decord", fps: Fraction = DEFAULT_FOLDER_FPS) -> FrameSource:
+def open_source(clip: Clip, decoder: str = "av", fps: Fraction = DEFAULT_FOLDER_FPS) -> FrameSource:
     """The frame source for a clip; ``fps`` is used for frame folders, which carry no frame rate."""
-    if clip.kind == "frames":
-        return FrameFolderSource(clip, fps)
+    if clip.kind in ("frames", "stills"):
+        return FrameFolderSource(clip, fps, any_size=clip.kind == "stills")
     return VideoFileSource(clip, decoder)
 
 
@@ -309,10 +332,12 @@ def open_source(clip: Clip, decoder: str = "decord", fps: Fraction = DEFAULT_FOL
 
 @dataclass
 class Batch:
-    """Consecutive frames: names and a B x H x W x 3 uint8 tensor (pinned when asked)."""
+    """Consecutive frames: names, timestamps (``FrameSource`` pts) and a B x H x W x 3 uint8 tensor
+    (pinned when asked), or a list of H x W x 3 tensors of different sizes (stills)."""
 
     names: List[str]
-    frames: torch.Tensor
+    frames: torch.Tensor | List[torch.Tensor]
+    pts: List[Optional[int]]
 
 
 _END = object()
@@ -321,17 +346,20 @@ _END = object()
 class Prefetcher:
     """Decodes a source ahead in a background thread into a bounded queue of batches.
 
-    Decoders (decord, FFmpeg, OpenCV) release the GIL, so decoding overlaps the model. At most
-    ``depth`` batches wait in the queue, which bounds memory whatever the video's length. An error
-    in the worker is raised in the consumer at the batch where it happened.
+    Decoders (FFmpeg, OpenCV) release the GIL, so decoding overlaps the model. At most ``depth``
+    batches wait in the queue, which bounds memory whatever the video's length. An error in the
+    worker is raised in the consumer at the batch where it happened. ``stack=False`` gives each
+    batch as a list of frames, which may differ in size.
     """
 
-    def __init__(self, source: FrameSource, batch_size: int, depth: int = 3, pin_memory: bool = False) -> None:
+    def __init__(self, source: FrameSource, batch_size: int, depth: int = 3, pin_memory: bool = False,
+                 stack: bool = True) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.source = source
         self.batch_size = batch_size
         self.pin_memory = pin_memory
+        self.stack = stack
         self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="vps-prefetch", daemon=True)
@@ -346,24 +374,29 @@ class Prefetcher:
                 continue
         return False
 
-    def _batch(self, names: List[str], frames: List[np.ndarray]) -> Batch:
-        tensor = torch.from_numpy(np.stack(frames))
-        if self.pin_memory:
-            tensor = tensor.pin_memory()
-        return Batch(names, tensor)
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        return tensor.pin_memory() if self.pin_memory else tensor
+
+    def _batch(self, names: List[str], frames: List[np.ndarray], pts: List[Optional[int]]) -> Batch:
+        if self.stack:
+            return Batch(names, self._tensor(np.stack(frames)), pts)
+        return Batch(names, [self._tensor(frame) for frame in frames], pts)
 
     def _work(self) -> None:
         names: List[str] = []
         frames: List[np.ndarray] = []
+        pts: List[Optional[int]] = []
         try:
-            for name, frame in self.source:
+            for name, frame, timestamp in self.source:
                 names.append(name)
                 frames.append(frame)
+                pts.append(timestamp)
                 if len(frames) == self.batch_size:
-                    if not self._put(self._batch(names, frames)):
+                    if not self._put(self._batch(names, frames, pts)):
                         return
-                    names, frames = [], []
-            if frames and not self._put(self._batch(names, frames)):
+                    names, frames, pts = [], [], []
+            if frames and not self._put(self._batch(names, frames, pts)):
                 return
             self._put(_END)
         except BaseException as error:  # handed to the consumer thread
@@ -413,7 +446,11 @@ def check_output(path: Path, overwrite: bool) -> None:
 
 
 class _VideoWriter:
-    """An H.264 video written with PyAV under a temporary name, renamed by ``close()``."""
+    """An H.264 video written with PyAV under a temporary name, renamed by ``close()``.
+
+    Frames keep the source's timestamps (``info.time_base`` units, counted from the first frame),
+    so a variable-frame-rate input gives an output of the same duration and timing.
+    """
 
     def __init__(self, path: Path, info: VideoInfo, pix_fmt: str, options: dict) -> None:
         import av
@@ -428,13 +465,25 @@ class _VideoWriter:
         self._stream.width = info.width
         self._stream.height = info.height
         self._stream.pix_fmt = pix_fmt
-        self._stream.codec_context.time_base = 1 / info.fps
-        self._index = 0
+        self._time_base = info.time_base or 1 / info.fps
+        self._stream.codec_context.time_base = self._time_base
+        self._step = max(1, round(1 / (info.fps * self._time_base)))  # one nominal frame, in time_base units
+        self._first: Optional[int] = None
+        self._last: Optional[int] = None
 
-    def _encode(self, frame) -> None:
-        frame.pts = self._index
-        frame.time_base = self._stream.codec_context.time_base
-        self._index += 1
+    def _next_pts(self, pts: Optional[int]) -> int:
+        """The source's timestamp relative to its first frame; one nominal frame after the previous
+        one where the source has none or goes backwards (the encoder needs increasing timestamps)."""
+        if self._last is None:
+            self._first = pts or 0
+            return 0
+        if pts is None:
+            return self._last + self._step
+        return max(pts - self._first, self._last + 1)
+
+    def _encode(self, frame, pts: Optional[int] = None) -> None:
+        frame.pts = self._last = self._next_pts(pts)
+        frame.time_base = self._time_base
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
 
@@ -464,10 +513,10 @@ class MaskVideoWriter(_VideoWriter):
     def __init__(self, path: Path, info: VideoInfo) -> None:
         super().__init__(path, info, "gray", MASK_CODEC_OPTIONS)
 
-    def write(self, mask: np.ndarray) -> None:
+    def write(self, mask: np.ndarray, pts: Optional[int] = None) -> None:
         import av
 
-        self._encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(mask), format="gray"))
+        self._encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(mask), format="gray"), pts)
 
 
 class OverlayVideoWriter(_VideoWriter):
@@ -478,10 +527,10 @@ class OverlayVideoWriter(_VideoWriter):
         pix_fmt = "yuv420p" if _even(info.width) and _even(info.height) else "yuv444p"
         super().__init__(path, info, pix_fmt, OVERLAY_CODEC_OPTIONS)
 
-    def write(self, frame: np.ndarray, mask: np.ndarray) -> None:
+    def write(self, frame: np.ndarray, mask: np.ndarray, pts: Optional[int] = None) -> None:
         import av
 
-        self._encode(av.VideoFrame.from_ndarray(draw_overlay(frame, mask), format="rgb24"))
+        self._encode(av.VideoFrame.from_ndarray(draw_overlay(frame, mask), format="rgb24"), pts)
 
 
 def draw_overlay(frame: np.ndarray, mask: np.ndarray, color=(0, 255, 0), alpha: float = 0.35) -> np.ndarray:

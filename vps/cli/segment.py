@@ -2,6 +2,7 @@
 
     vps-segment clip.mp4 --out masks.mp4 [--png-dir pngs] [--overlay overlay.mp4]
     vps-segment a.mp4 b.mp4 frames/ --out-dir OUT        # OUT/<case>_mask.mp4 for each clip
+    vps-segment Kvasir/images --stills --png-dir OUT     # images of any size: OUT/images/<stem>.png
     torchrun --nproc-per-node 4 -m vps.cli.segment SUN-SEG/TestHardDataset --out-dir OUT
 
 See docs/segment.md.
@@ -10,6 +11,8 @@ See docs/segment.md.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import queue
 import sys
 import threading
@@ -17,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -28,8 +31,15 @@ class UsageError(ValueError):
     """A bad combination of options: one line, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one ``vps-segment: error: ...`` line and exit status 2 (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG,
         description="Segment polyps in colonoscopy videos with AutoSAM (no prompt needed).",
         epilog="Masks are lossless (H.264 qp 0, grey); see docs/segment.md.",
@@ -43,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overlay", nargs="?", const="auto", metavar="PATH",
                      help="video of the frames with the mask tinted and outlined; without PATH: "
                           "<DIR>/<case>_overlay.mp4 with --out-dir, else <out stem>_overlay.mp4")
-    out.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace outputs that exist (never an input: outputs that are inputs are refused)")
+    out.add_argument("--stills", action="store_true",
+                     help="folders of independent images of any size: one probability map per image, "
+                          "at the image's size, in --png-dir (no mask video)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=("autosam", "light"), default="autosam",
                        help="autosam: g + frozen SAM (default); light: g + surrogate decoder h, no SAM")
@@ -60,11 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threshold", type=float, default=0.5, help="sigmoid threshold of binary masks (0.5)")
     run.add_argument("--smooth", type=int, default=0, metavar="N",
                      help="exponential moving average of the probabilities over ~N frames (off)")
-    run.add_argument("--decoder", choices=("decord", "av"), default="decord",
-                     help="video decoder; PyAV is the fallback when decord cannot open a file")
+    run.add_argument("--decoder", choices=("av", "decord"), default="av",
+                     help="video decoder: PyAV (default, memory flat whatever the length) or decord "
+                          "(decodes ahead without bound: memory grows with long videos)")
     run.add_argument("--fps", type=float, default=25.0, help="frame rate of outputs for frame folders (25)")
     run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help="no progress (bar or log lines)")
     return parser
 
 
@@ -89,9 +104,23 @@ class Outputs:
             parts.append(f"overlay {self.overlay}")
         return parts
 
+    def targets(self, case: str) -> List[Tuple[str, Path, bool]]:
+        """(what, path, is a folder) of every output of clip ``case``."""
+        targets = []
+        if self.mask:
+            targets.append(("the mask video", self.mask, False))
+        if self.overlay:
+            targets.append(("the overlay video", self.overlay, False))
+        if self.png_root:
+            targets.append(("the PNG folder", self.png_root / case, True))
+        return targets
+
 
 def plan_outputs(args: argparse.Namespace, clips: list) -> List[Outputs]:
-    """The output paths of each clip, from --out/--out-dir/--png-dir/--overlay."""
+    """The output paths of each clip, from --out/--out-dir/--png-dir/--overlay.
+
+    Refuses, before any work, two outputs on one path and outputs that are or would write into inputs.
+    """
     if not (args.out or args.out_dir or args.png_dir or args.overlay):
         raise UsageError("nothing to write: give --out, --out-dir, --png-dir or --overlay")
     if args.out and args.out_dir:
@@ -125,7 +154,57 @@ def plan_outputs(args: argparse.Namespace, clips: list) -> List[Outputs]:
     duplicates = sorted({c for c in cases if cases.count(c) > 1})
     if duplicates and (args.out_dir or args.png_dir):
         raise UsageError(f"two inputs have the same case name '{duplicates[0]}'; their outputs would collide")
+    refuse_shared_outputs(plans, clips)
+    refuse_outputs_on_inputs(plans, clips)
     return plans
+
+
+def real_path(path: Path) -> Path:
+    """Absolute, with symlinks resolved (also for a path that does not exist yet)."""
+    return Path(os.path.realpath(path))
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or below it (both real paths)."""
+    return path == folder or folder in path.parents
+
+
+def refuse_shared_outputs(plans: List[Outputs], clips: list) -> None:
+    """Two outputs on one path would share a temporary file and overwrite each other; a file inside a
+    PNG folder would be deleted when that folder is replaced."""
+    seen = {}
+    folders = []
+    for plan, clip in zip(plans, clips):
+        for what, path, is_folder in plan.targets(clip.case):
+            what = f"{what} of {clip.case}" if len(clips) > 1 else what
+            real = real_path(path)
+            if real in seen:
+                raise UsageError(f"two outputs on one path: {seen[real]} and {what} are both {path}")
+            seen[real] = what
+            if is_folder:
+                folders.append((real, what))
+    for real, what in seen.items():
+        for folder, folder_what in folders:
+            if real != folder and is_within(real, folder):
+                raise UsageError(f"{what} {real} is inside {folder_what} {folder}, which is replaced as a whole")
+
+
+def refuse_outputs_on_inputs(plans: List[Outputs], clips: list) -> None:
+    """--overwrite replaces earlier outputs, never inputs: refuse an output that is an input file, or a
+    file or folder that is, holds or sits in an input frame folder."""
+    files = [real_path(clip.path) for clip in clips if clip.kind == "video"]
+    folders = [real_path(clip.path) for clip in clips if clip.kind != "video"]
+    for plan, clip in zip(plans, clips):
+        for what, path, is_folder in plan.targets(clip.case):
+            real = real_path(path)
+            for file in files:
+                if real == file or (is_folder and is_within(file, real)):
+                    raise UsageError(f"{what} {path} would replace the input {file}; outputs never replace "
+                                     "inputs, not even with --overwrite")
+            for folder in folders:
+                if is_within(real, folder) or (is_folder and is_within(folder, real)):
+                    raise UsageError(f"{what} {path} would write into the input frame folder {folder}; outputs "
+                                     "never replace inputs, not even with --overwrite")
 
 
 def check_outputs(plans: List[Outputs], clips: list, overwrite: bool) -> None:
@@ -178,21 +257,23 @@ class OutputSink:
             except BaseException as error:
                 self._error = error
 
-    def _write(self, names: List[str], frames: np.ndarray, maps: np.ndarray) -> None:
-        masks = np.where(maps >= self.threshold8, np.uint8(255), np.uint8(0))
+    def _write(self, names: List[str], frames, maps, pts: List[Optional[int]]) -> None:
         for i, name in enumerate(names):
+            if self.mask or self.overlay:
+                mask = np.where(maps[i] >= self.threshold8, np.uint8(255), np.uint8(0))
             if self.mask:
-                self.mask.write(masks[i])
+                self.mask.write(mask, pts[i])
             if self.overlay:
-                self.overlay.write(frames[i], masks[i])
+                self.overlay.write(frames[i], mask, pts[i])
             if self.png:
                 self.png.write(name, maps[i])
 
-    def write(self, names: List[str], frames: np.ndarray, maps: np.ndarray) -> None:
-        """names: B frame names; frames: B x H x W x 3 uint8 RGB; maps: B x H x W uint8 probabilities."""
+    def write(self, names: List[str], frames, maps, pts: Optional[List[Optional[int]]] = None) -> None:
+        """names: B frame names; frames: B x H x W x 3 uint8 RGB (None without an overlay); maps: B x H x W
+        uint8 probabilities (or a list of maps of different sizes); pts: the frames' timestamps."""
         if self._error is not None:
             raise self._error
-        self._queue.put((names, frames, maps))
+        self._queue.put((names, frames, maps, pts or [None] * len(names)))
 
     def _finish(self) -> None:
         if self._thread.is_alive():
@@ -237,34 +318,69 @@ class Totals:
     written: List[str] = field(default_factory=list)
 
 
-def segment_clip(clip, plan: Outputs, engine, args: argparse.Namespace, totals: Totals, progress_position: int = 0
-                 ) -> None:
-    """Stream one clip through the engine into its outputs."""
-    from tqdm import tqdm
+def folder_fps(args: argparse.Namespace) -> Fraction:
+    return Fraction(args.fps).limit_denominator(1001)
 
+
+def segment_clip(clip, plan: Outputs, engine, args: argparse.Namespace, totals: Totals, progress_position: int = 0,
+                 prefix: str = PROG) -> None:
+    """Stream one clip through the engine into its outputs (stills: each image at its own size)."""
     from vps.inference import threshold_uint8
+    from vps.progress import Progress
     from vps.video import Prefetcher, open_source
 
-    source = open_source(clip, args.decoder, Fraction(args.fps).limit_denominator(1001))
+    stills = clip.kind == "stills"
+    source = open_source(clip, args.decoder, folder_fps(args))
     engine.reset()
     sink = OutputSink(plan, clip.case, source.info, threshold_uint8(args.threshold), args.overwrite)
-    bar = tqdm(total=source.info.num_frames, desc=clip.case, unit="frame", file=sys.stderr,
-               disable=args.quiet, dynamic_ncols=True, leave=False, position=progress_position)
+    progress = Progress(clip.case, source.info.num_frames, "image" if stills else "frame", args.quiet, prefix,
+                        progress_position)
     try:
-        with Prefetcher(source, args.batch_size, pin_memory=engine.device.type == "cuda") as reader:
+        with Prefetcher(source, args.batch_size, pin_memory=engine.device.type == "cuda", stack=not stills) as reader:
             for batch in reader:
-                maps = engine(batch.frames).numpy()
-                sink.write(batch.names, batch.frames.numpy(), maps)
-                bar.update(len(batch.names))
+                if stills:
+                    sink.write(batch.names, None, [m.numpy() for m in engine.stills(batch.frames)], batch.pts)
+                else:
+                    sink.write(batch.names, batch.frames.numpy(), engine(batch.frames).numpy(), batch.pts)
+                progress.update(len(batch.names))
                 totals.frames += len(batch.names)
         sink.close()
     except BaseException:
         sink.abort()
         raise
     finally:
-        bar.close()
+        progress.close()
     totals.clips += 1
     totals.written.extend(plan.describe(clip.case))
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Option values and combinations that are wrong whatever the inputs."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if args.smooth < 0:
+        raise UsageError("--smooth must be 0 (off) or a number of frames")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        raise UsageError(f"--fps must be a positive number of frames per second, got {args.fps:g}")
+    if args.stills:
+        if args.out or args.out_dir or args.overlay:
+            raise UsageError("--stills writes probability maps only: give --png-dir, not --out, --out-dir or --overlay")
+        if not args.png_dir:
+            raise UsageError("--stills needs --png-dir (one probability map per image)")
+        if args.smooth > 1:
+            raise UsageError("--smooth works across the frames of a video; stills are independent images")
+
+
+def as_stills(clips: list) -> list:
+    """--stills: every frame folder becomes a folder of independent images; videos are refused."""
+    from dataclasses import replace
+
+    for clip in clips:
+        if clip.kind == "video":
+            raise UsageError(f"--stills takes folders of images, not videos: {clip.path}")
+    return [replace(clip, kind="stills") for clip in clips]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,10 +392,7 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_decoders()
     rank, world, local_rank = distributed_env()
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if args.smooth < 0:
-        raise UsageError("--smooth must be 0 (off) or a number of frames")
+    check_options(args)
     threshold_uint8(args.threshold)
     device = resolve_device(args.device, local_rank)
     if args.batch_size is None:
@@ -289,6 +402,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     clips = [clip for path in args.inputs for clip in find_clips(path)]
+    if args.stills:
+        clips = as_stills(clips)
     plans = plan_outputs(args, clips)
     mine = shard(list(zip(clips, plans)), rank, world)
     prefix = f"{PROG} [rank {rank}/{world}]" if world > 1 else PROG
@@ -303,18 +418,21 @@ def run(args: argparse.Namespace) -> int:
     totals = Totals()
     start = time.perf_counter()
     for clip, plan in mine:
-        segment_clip(clip, plan, engine, args, totals)
+        segment_clip(clip, plan, engine, args, totals, prefix=prefix)
     seconds = time.perf_counter() - start
     rate = totals.frames / seconds if seconds > 0 else float("inf")
     where = "; ".join(totals.written) if totals.clips <= 3 else "; ".join(totals.written[:3]) + "; ..."
-    print(f"{prefix}: {totals.frames} frames from {totals.clips} clip(s) in {seconds:.1f} s "
-          f"({rate:.1f} frames/s) on {device}, {args.precision}; {where}")
+    unit = "images" if args.stills else "frames"
+    print(f"{prefix}: {totals.frames} {unit} from {totals.clips} {'folder' if args.stills else 'clip'}(s) in "
+          f"{seconds:.1f} s ({rate:.1f} {unit}/s) on {device}, {args.precision}; {where}")
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or an argument error already printed as one line
+        return int(exit_request.code or 0)
     from vps.video import InputError
 
     try:

@@ -3,55 +3,147 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-DEFAULT_CONFIG = "configs/train/polyp_litemedsam.yaml"
+PROG = "vps-train"
+# The repository's configs/ folder, found from this file (vps/cli/train.py), so that the default works from any
+# folder; relative paths inside a config (data.root, cache.dir) and --out stay relative to the caller's folder.
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "train" / "polyp_litemedsam.yaml")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one ``vps-train: error: ...`` line and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="vps-train",
+    parser = _OneLineParser(
+        prog=PROG,
         description="Train AutoSAM on image/mask pairs. Every run writes its resolved config, per-epoch "
                     "checkpoints, a CSV log and a PNG plot into --out.",
         epilog="Overrides: dotted.key=value, e.g. train_g.epochs=20 data.root=/data/TrainDataset cache.enabled=false. "
+               "--resume continues the run in --out with its saved config.yaml; there only train_g.epochs, "
+               "train_h.epochs, runtime.* and cache.dir may change. "
                "Under torchrun every rank trains with DistributedDataParallel.",
     )
-    parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                        help="YAML config (default: the repository's configs/train/polyp_litemedsam.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings that replace the config's")
-    parser.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/<config name>, in this folder)")
     parser.add_argument("--stage", choices=["g", "h", "all"], default="all",
                         help="g: prompt generator with frozen SAM; h: surrogate decoder on the trained g; all: both")
-    parser.add_argument("--resume", action="store_true", help="continue from the last finished epoch in --out")
-    args = parser.parse_args(argv)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last finished epoch, with its saved config.yaml")
+    args = parser.parse_intermixed_args(argv)  # overrides may also follow the options
     if "=" in args.config:  # only overrides were given: keep the default config
         args.overrides.insert(0, args.config)
         args.config = DEFAULT_CONFIG
     return args
 
 
+def error_message(error: BaseException) -> str:
+    """One line for any error. An exception re-raised by a DataLoader worker carries the worker's whole traceback
+    as its message ('Caught DataError in DataLoader worker process 0. Original Traceback ...'): keep its last line,
+    the original message, without the 'module.Type: ' prefix."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].strip()
+        head, _, rest = text.partition(": ")
+        if rest and head.split(".")[-1] == type(error).__name__:
+            text = rest
+    if isinstance(error, OSError) and getattr(error, "filename", None) and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _finished_epochs(out: Path, stage: str) -> int:
+    """Epochs stage ``stage`` has finished in ``out`` (0 without a state file)."""
+    import torch
+
+    path = out / f"{stage}_last.pt"
+    if not path.is_file():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"]) + 1
+
+
+def prepare_resume(out: Path, config: Dict[str, Any], stages: Sequence[str], is_main: bool = True) -> None:
+    """Checks the epochs against what the run has done and keeps model.pt consistent.
+
+    If stage g gets more epochs after stage h has run, that h was trained on the old g: its state is moved aside
+    (``h_last.stale.pt``, ``log_h.stale.csv``) so stage h starts again from scratch on the new g instead of
+    resuming (a resumed h would keep its old best score and might never write g + h into model.pt again).
+    """
+    from vps.config import ConfigError
+
+    done = {stage: _finished_epochs(out, stage) for stage in ("g", "h")}
+    for stage in stages:
+        epochs = config[f"train_{stage}"]["epochs"]
+        if done[stage] > epochs:
+            raise ConfigError(f"--resume: train_{stage}.epochs={epochs} is below the {done[stage]} epochs stage "
+                              f"{stage} has already finished in {out}")
+    if "g" in stages and done["h"] and config["train_g"]["epochs"] > done["g"]:
+        if is_main:
+            for name in ("h_last.pt", "log_h.csv", "log_h.png"):
+                if (out / name).is_file():
+                    stale = Path(name).stem + ".stale" + Path(name).suffix
+                    (out / name).replace(out / stale)
+            rerun = "it is retrained in this run" if "h" in stages else "retrain it afterwards with --stage h --resume"
+            print(f"stage g continues to epoch {config['train_g']['epochs']}: stage h was trained on the old g, "
+                  f"so its state is moved to h_last.stale.pt and {rerun}", flush=True)
+
+
+def training_samples(config: Dict[str, Any]) -> list:
+    """The samples of ``data.root`` (one folder or a list of folders)."""
+    from vps.train.data import discover_samples
+
+    roots = config["data"]["root"]
+    return [s for root in (roots if isinstance(roots, list) else [roots]) for s in discover_samples(root)]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    import vps  # noqa: F401  (torchvision compatibility before timm loads)
-    from vps.config import ConfigError, apply_overrides, load_config
-    from vps.modeling.build_sam import CheckpointError
-    from vps.train.data import DataError
-    from vps.train.trainer import train
-
+    is_main = int(os.environ.get("RANK", "0")) == 0
     try:
-        config = apply_overrides(load_config(args.config), args.overrides)
-        out = Path(args.out or Path("runs") / Path(args.config).stem)
-        if not args.resume and (out / "g_last.pt").exists() and args.stage in ("g", "all"):
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        import vps  # noqa: F401  (torchvision compatibility before timm loads)
+        from vps.config import ConfigError, apply_overrides, load_config, resume_config, validate_config
+        from vps.train.verify import verify_decodable
+
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         stages = ("g", "h") if args.stage == "all" else (args.stage,)
+        if args.resume:  # the run's own config; only epochs, runtime.* and cache.dir may change
+            config = resume_config(out, args.overrides)
+            if is_main:
+                print(f"resuming the run in {out} with its saved config.yaml", flush=True)
+        else:
+            if args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).is_file():
+                raise ConfigError(f"the default config {DEFAULT_CONFIG} is missing (vps is installed without the "
+                                  "repository's configs/ folder); pass a config file")
+            config = validate_config(apply_overrides(load_config(args.config), args.overrides))
+            if (out / "g_last.pt").exists() and "g" in stages:
+                raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if args.resume:
+            prepare_resume(out, config, stages, is_main)
+        verify_decodable(training_samples(config))
+        from vps.train.trainer import train
+
         model_path = train(config, out, stages=stages, resume=args.resume)
-    except (ConfigError, DataError, CheckpointError, ValueError) as error:
-        print(f"vps-train: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("vps-train: interrupted; continue with --resume", file=sys.stderr)
+        print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001  (every failure is one line; VPS_TRAIN_DEBUG=1 shows the traceback)
+        if os.environ.get("VPS_TRAIN_DEBUG"):
+            raise
+        expected = isinstance(error, (ValueError, OSError))  # ConfigError, DataError, CheckpointError
+        message = error_message(error)
+        if not expected:
+            message = f"{type(error).__name__}: {message} (VPS_TRAIN_DEBUG=1 shows the traceback)"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
     print(f"trained model: {model_path}")
     return 0
 

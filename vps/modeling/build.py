@@ -240,6 +240,6 @@ def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Op
 
 def default_checkpoint_path() -> Path:
     """The model shipped inside the package (trained on CVC-ClinicDB clips; see MODEL_CARD.md)."""
-    return Path(__file__).resolve().parent.parent / "weights" / "autosam_litemedsam_cvc.pt"
+    return Path(__file__).resolve().parent.parent / "weights" / "autosam_litemedsam_polyp.pt"
 
 

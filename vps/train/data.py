@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from natsort import natsorted
@@ -20,11 +20,17 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One image/mask pair. ``group`` is the clip it comes from (or the image stem for stills)."""
+    """One image/mask pair. ``group`` is the clip it comes from (or the image stem for stills).
+
+    ``source`` names the dataset (its root folder) for per-source validation; ``crop`` is an optional box
+    (left, top, right, bottom) in pixels that cuts a region out of both image and mask.
+    """
 
     image: Path
     mask: Path
     group: str
+    source: str = ""
+    crop: Optional[Tuple[int, int, int, int]] = None
 
 
 def _image_files(folder: Path) -> Dict[str, Path]:
@@ -64,6 +70,10 @@ def discover_samples(root: str | Path) -> List[Sample]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
+    return [replace(s, source=root.resolve().name) for s in _discover(root)]
+
+
+def _discover(root: Path) -> List[Sample]:
     if (root / "images").is_dir() and (root / "masks").is_dir():
         return pair_by_stem(root / "images", root / "masks")
     if (root / "Frame").is_dir() and (root / "GT").is_dir():
@@ -96,6 +106,9 @@ def read_pair(sample: Sample) -> Tuple[np.ndarray, np.ndarray]:
     if image.shape[:2] != mask.shape:
         raise DataError(f"image {sample.image} is {image.shape[1]}x{image.shape[0]} but its mask {sample.mask} "
                         f"is {mask.shape[1]}x{mask.shape[0]}")
+    if sample.crop is not None:
+        left, top, right, bottom = sample.crop
+        image, mask = image[top:bottom, left:right], mask[top:bottom, left:right]
     return image, mask
 
 
@@ -110,6 +123,38 @@ def check_samples(samples: Sequence[Sample]) -> None:
         if image_size != mask_size:
             raise DataError(f"image {sample.image} is {image_size[0]}x{image_size[1]} but its mask {sample.mask} "
                             f"is {mask_size[0]}x{mask_size[1]}")
+
+
+def as_root_list(roots: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:
+    """``data.root`` is one folder or a list of folders (one per source)."""
+    if isinstance(roots, (str, Path)):
+        return [Path(roots)]
+    return [Path(r) for r in roots]
+
+
+def split_sources(roots, val_groups: Optional[Sequence[str]] = None, val_fraction: float = 0.2, seed: int = 0
+                  ) -> Tuple[List[Sample], List[Sample]]:
+    """Discover, check and split every source separately, so each keeps its own seeded validation part.
+
+    ``val_groups`` names validation clips in any source; a source with none of them named draws a seeded
+    ``val_fraction`` of its clips (stills count as one clip each).
+    """
+    train: List[Sample] = []
+    val: List[Sample] = []
+    named = {str(g) for g in val_groups} if val_groups is not None else None
+    seen_groups = set()
+    for root in as_root_list(roots):
+        samples = discover_samples(root)
+        check_samples(samples)
+        groups = {s.group for s in samples}
+        seen_groups |= groups
+        here = sorted(named & groups) if named is not None and named & groups else None
+        part_train, part_val = split_by_group(samples, here, val_fraction if here is None else 0.0, seed)
+        train += part_train
+        val += part_val
+    if named is not None and named - seen_groups:
+        raise DataError(f"validation clips not in the data: {', '.join(sorted(named - seen_groups))}")
+    return train, val
 
 
 def split_by_group(samples: Sequence[Sample], val_groups: Optional[Sequence[str]] = None,

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
+from vps.progress import Progress
 
 from vps.modeling.sam import FrozenSam
 from vps.train.augment import apply_view, geometric_pair
@@ -23,6 +23,11 @@ def to_square_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
+def to_square_uint8(image: np.ndarray, size: int) -> torch.Tensor:
+    """H x W x 3 uint8 -> 3 x size x size uint8: what the dataset keeps in memory (a quarter of float)."""
+    return (to_square_tensor(image, size) * 255).round().to(torch.uint8)
+
+
 def to_square_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     """H x W bool -> 1 x size x size float in {0, 1} (area average, then > 0.5)."""
     tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
@@ -33,7 +38,8 @@ class SegmentationDataset(Dataset):
     """Image/mask pairs resized to squares, with augmentation and optional cached SAM embeddings.
 
     Items: ``image`` 3 x S x S in [0, 1] (what g sees; SAM sees it too when there is no cache),
-    ``mask`` 1 x M x M in {0, 1}, and with a cache ``embedding`` 256 x 64 x 64 float16.
+    ``mask`` 1 x M x M in {0, 1}, ``source`` the index of the sample's source in ``sources``, and with a
+    cache ``embedding`` 256 x 64 x 64 float16.
     """
 
     def __init__(
@@ -53,20 +59,28 @@ class SegmentationDataset(Dataset):
         self.views = list(views)
         self.photometric = photometric
         self.geometric = geometric
+        self.sources = sorted({s.source for s in self.samples})
+        self._source_index = {name: i for i, name in enumerate(self.sources)}
         self._decoded: Dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int):
-        """(key, image 3 x S x S, mask 1 x M x M), decoded once per worker and kept (stills are small)."""
+        """(key, image 3 x S x S float in [0, 1], mask 1 x M x M); decoded once per worker and kept as uint8."""
         if index not in self._decoded:
             image, mask = read_pair(self.samples[index])
-            self._decoded[index] = (EmbeddingCache.image_key(image), to_square_tensor(image, self.image_size),
-                                    to_square_mask(mask, self.mask_size))
-        return self._decoded[index]
+            self._decoded[index] = (EmbeddingCache.image_key(image), to_square_uint8(image, self.image_size),
+                                    to_square_mask(mask, self.mask_size).to(torch.uint8))
+        key, image, mask = self._decoded[index]
+        return key, image.float() / 255.0, mask.float()
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        item = self._augmented(index)
+        item["source"] = self._source_index[self.samples[index].source]
+        return item
+
+    def _augmented(self, index: int) -> Dict[str, torch.Tensor]:
         key, image, mask = self.load(index)
         if self.cache is not None:
             view = random.choice(self.views)
@@ -99,7 +113,7 @@ def fill_cache(dataset: SegmentationDataset, sam: FrozenSam, views: Sequence[str
     for index in range(rank, len(dataset), world):
         key, _, _ = dataset.load(index)
         todo += [(index, view) for view in views if not cache.has(key, view)]
-    bar = tqdm(total=len(todo), desc="SAM embeddings", unit="img", disable=not progress or not todo)
+    bar = Progress("SAM embeddings", len(todo), "image", quiet=not progress or not todo, prefix="vps-train")
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         images = torch.stack([apply_view(dataset.load(i)[1], v) for i, v in chunk]).to(device)

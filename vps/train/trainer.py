@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,16 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from vps.config import save_config
+from vps.hardware import cpu_has_native_bf16
 from vps.inference import autocast_dtype, resolve_device, resolve_precision
 from vps.modeling import build_prompt_generator, build_sam, build_surrogate, checkpoint_metadata, save_checkpoint
 from vps.modeling.build import read_checkpoint
+from vps.progress import Progress
 from vps.train.augment import build_geometric, build_photometric
 from vps.train.cache import EmbeddingCache, sam_cache_id
-from vps.train.data import check_samples, discover_samples, split_by_group
+from vps.train.data import as_root_list, split_sources
 from vps.train.dataset import SegmentationDataset, fill_cache
+from vps.train.negatives import polyp_free_crops
 
 MODEL_FILE = "model.pt"
 
@@ -91,7 +94,10 @@ def setup_runtime(config: Dict[str, Any]) -> Runtime:
     device = resolve_device(config.get("device", "auto"), local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    precision = resolve_precision(config.get("precision", "auto"), device)
+    precision = config.get("precision", "auto")
+    # Training's own auto: bf16 also on CPUs that compute it natively (AVX512-BF16, AMX), where it is faster.
+    precision = "bf16" if precision == "auto" and device.type == "cpu" and cpu_has_native_bf16() else \
+        resolve_precision(precision, device)
     autocast_dtype(precision, device)  # rejects unknown names and fp16 on CPU, with a one-line message
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -105,12 +111,14 @@ def seed_everything(seed: int) -> None:
 
 
 class EpochLog:
-    """Per-epoch CSV (epoch, train_loss, val_loss, val_dice, seconds) and a PNG plot beside it."""
+    """Per-epoch CSV (epoch, lr, train_loss, val_loss, val_dice, one Dice column per validation source,
+    seconds) and a PNG plot beside it."""
 
-    FIELDS = ["epoch", "train_loss", "val_loss", "val_dice", "seconds"]
+    FIELDS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "seconds"]
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sources: Sequence[str] = ()) -> None:
         self.path = path
+        self.fields = self.FIELDS[:5] + [f"val_dice_{s}" for s in sources] + self.FIELDS[5:]
 
     def rows(self) -> List[Dict[str, str]]:
         if not self.path.is_file():
@@ -121,10 +129,10 @@ class EpochLog:
     def append(self, row: Dict[str, float], keep_epochs_below: int) -> None:
         """Append a row, first dropping rows of epochs >= keep_epochs_below (left by a killed run)."""
         rows = [r for r in self.rows() if int(r["epoch"]) < keep_epochs_below] + [
-            {k: f"{row[k]:.6g}" if isinstance(row[k], float) else row[k] for k in self.FIELDS}]
+            {k: f"{row[k]:.6g}" if isinstance(row[k], float) else row[k] for k in self.fields if k in row}]
         temporary = self.path.with_name(self.path.name + ".partial")
         with temporary.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            writer = csv.DictWriter(handle, fieldnames=self.fields, restval="", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
         temporary.replace(self.path)
@@ -142,12 +150,33 @@ class EpochLog:
         loss_axes.plot(epochs, [float(r["val_loss"]) for r in rows], label="validation")
         loss_axes.set(xlabel="epoch", ylabel="BCE + Dice loss")
         loss_axes.legend()
-        dice_axes.plot(epochs, [float(r["val_dice"]) for r in rows], color="tab:green")
+        dice_axes.plot(epochs, [float(r["val_dice"]) for r in rows], color="black", label="selection score")
+        for field in self.fields:
+            if field.startswith("val_dice_"):
+                dice_axes.plot(epochs, [float(r.get(field) or "nan") for r in rows], label=field[len("val_dice_"):])
         dice_axes.set(xlabel="epoch", ylabel="validation Dice @0.5", ylim=(0, 1))
+        dice_axes.legend(fontsize=7)
         figure.suptitle(self.path.stem)
         figure.tight_layout()
         figure.savefig(self.path.with_suffix(".png"), dpi=100)
         plt.close(figure)
+
+
+def learning_rate(settings: Dict[str, Any], epoch: int) -> float:
+    """The stage's learning rate for ``epoch`` (0-based): constant, or linear warm-up then cosine decay to
+    ``min_lr`` at the last epoch. A function of the epoch alone, so a resumed run continues the same curve."""
+    base = float(settings["lr"])
+    schedule = settings.get("schedule", "constant")
+    if schedule == "constant":
+        return base
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule '{schedule}'; expected constant or cosine")
+    epochs, warmup = int(settings["epochs"]), int(settings.get("warmup_epochs", 0))
+    minimum = float(settings.get("min_lr", 0.0))
+    if epoch < warmup:
+        return base * (epoch + 1) / (warmup + 1)
+    progress = (epoch - warmup) / max(1, epochs - 1 - warmup)
+    return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _loader(dataset, batch_size: int, runtime: Runtime, shuffle: bool, num_workers: int, seed: int):
@@ -178,7 +207,7 @@ def run_stage(
                                  weight_decay=float(settings["weight_decay"]))
     scaler = torch.amp.GradScaler(enabled=runtime.precision == "fp16")
     state_path = out_dir / f"{name}_last.pt"
-    log = EpochLog(out_dir / f"log_{name}.csv")
+    log = EpochLog(out_dir / f"log_{name}.csv", val_loader.dataset.sources if val_loader else ())
     start_epoch, best = 0, {"dice": -1.0, "epoch": -1}
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -187,18 +216,24 @@ def run_stage(
         start_epoch, best = state["epoch"] + 1, state["best"]
         torch.set_rng_state(state["torch_rng"])
         if runtime.is_main:
-            print(f"resuming stage {name} at epoch {start_epoch} (best validation Dice {best['dice']:.4f})")
+            total = int(settings["epochs"])
+            print(f"resuming stage {name} after epoch {start_epoch} of {total} (best validation Dice "
+                  f"{best['dice']:.4f})" if start_epoch < total else
+                  f"stage {name} already finished its {start_epoch} epochs; nothing to train")
     model = DistributedDataParallel(trainable) if runtime.distributed else trainable
     epochs = int(settings["epochs"])
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
+        lr = learning_rate(settings, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         model.train()
         losses = []
-        bar = tqdm(train_loader, desc=f"{name} epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                   disable=not runtime.is_main)
-        for batch in bar:
+        progress = Progress(f"{name} epoch {epoch + 1}/{epochs}", len(train_loader), "batch",
+                            quiet=not runtime.is_main, prefix="vps-train")
+        for batch in train_loader:
             with runtime.autocast():
                 loss = dice_bce_loss(forward(model, batch), batch["mask"].to(runtime.device))
             optimizer.zero_grad(set_to_none=True)
@@ -206,9 +241,11 @@ def run_stage(
             scaler.step(optimizer)
             scaler.update()
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            progress.update(1, f"loss {loss.item():.4f}")
+        progress.close()
         train_loss = runtime.mean(float(np.mean(losses)))
-        val_loss, val_dice = evaluate(trainable, forward, val_loader, runtime) if val_loader else (float("nan"), -1.0)
+        val_loss, val_dice, by_source = (evaluate(trainable, forward, val_loader, runtime) if val_loader
+                                         else (float("nan"), -1.0, {}))
         if runtime.is_main:
             score = val_dice if val_loader else float(epoch)  # no validation set: the last epoch is kept
             if score > best["dice"]:
@@ -220,27 +257,36 @@ def run_stage(
             torch.save(torch_state, temporary)
             temporary.replace(state_path)
             seconds = time.perf_counter() - started
-            log.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_dice": val_dice,
-                        "seconds": seconds}, keep_epochs_below=epoch + 1)
-            print(f"{name} epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}, "
-                  f"validation Dice {val_dice:.4f}, {seconds:.1f} s", flush=True)
+            log.append({"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_dice": val_dice, "seconds": seconds,
+                        **{f"val_dice_{k}": v for k, v in by_source.items()}}, keep_epochs_below=epoch + 1)
+            per_source = "".join(f", {k} {v:.4f}" for k, v in by_source.items()) if len(by_source) > 1 else ""
+            print(f"{name} epoch {epoch + 1}/{epochs}: lr {lr:.2e}, train loss {train_loss:.4f}, validation loss "
+                  f"{val_loss:.4f}, validation Dice {val_dice:.4f}{per_source}, {seconds:.1f} s", flush=True)
         runtime.barrier()
     return best
 
 
 @torch.no_grad()
 def evaluate(trainable: nn.Module, forward, loader: DataLoader, runtime: Runtime):
-    """Mean loss and mean per-frame Dice (threshold 0.5) over the validation loader."""
+    """Validation: (mean loss, selection score, {source: mean per-frame Dice at threshold 0.5}).
+
+    The selection score is the mean over sources, so each source weighs the same whatever its size. On a
+    polyp-free input the Dice is 1 for an empty prediction and 0 otherwise, i.e. 1 - false-positive rate.
+    """
     trainable.eval()
-    losses, dices = [], []
+    losses, dices, sources = [], [], []
     for batch in loader:
         with runtime.autocast():
             logits = forward(trainable, batch)
         mask = batch["mask"].to(runtime.device)
         losses.append(dice_bce_loss(logits, mask).item() * len(mask))
         dices.append(binary_dice(logits, mask).cpu())
-    count = sum(len(d) for d in dices)
-    return sum(losses) / count, torch.cat(dices).mean().item()
+        sources.append(torch.as_tensor(batch["source"]))
+    dices, sources = torch.cat(dices), torch.cat(sources)
+    names = loader.dataset.sources
+    by_source = {names[i]: dices[sources == i].mean().item() for i in range(len(names)) if (sources == i).any()}
+    return sum(losses) / len(dices), float(np.mean(list(by_source.values()))), by_source
 
 
 def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume: bool = False) -> Path:
@@ -252,15 +298,25 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
     data_config, model_config = config["data"], config["model"]
-    samples = discover_samples(data_config["root"])
-    check_samples(samples)
-    train_samples, val_samples = split_by_group(samples, data_config.get("val_clips"),
-                                                float(data_config.get("val_fraction", 0.2)),
-                                                int(data_config.get("split_seed", 0)))
+    split_seed = int(data_config.get("split_seed", 0))
+    train_samples, val_samples = split_sources(data_config["root"], data_config.get("val_clips"),
+                                               float(data_config.get("val_fraction", 0.2)), split_seed)
+    val_groups = sorted({s.group for s in val_samples})
+    negatives = data_config.get("negatives") or {}
+    if negatives:
+        min_side = float(negatives.get("min_side", 0.3))
+        train_samples += polyp_free_crops(train_samples, float(negatives.get("train_fraction", 0.0)), min_side,
+                                          split_seed)
+        val_samples += polyp_free_crops(val_samples, float(negatives.get("val_fraction", 0.0)), min_side, split_seed)
     if runtime.is_main:
-        groups = sorted({s.group for s in val_samples})
-        print(f"{len(train_samples)} training and {len(val_samples)} validation images; "
-              f"validation clips: {', '.join(groups) if groups else 'none'}", flush=True)
+        for part, part_samples in (("training", train_samples), ("validation", val_samples)):
+            counts = {}
+            for sample in part_samples:
+                counts[sample.source] = counts.get(sample.source, 0) + 1
+            print(f"{part}: {len(part_samples)} images ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})",
+                  flush=True)
+        shown = val_groups if len(val_groups) <= 12 else val_groups[:12] + [f"... ({len(val_groups)} in all)"]
+        print(f"validation clips: {', '.join(shown) if shown else 'none'}", flush=True)
 
     sam_config = dict(model_config["sam"])
     sam_backend, sam_checkpoint = sam_config.pop("backend"), sam_config.pop("checkpoint", None)
@@ -278,7 +334,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         cache = None
         views = ["identity"]
         if cache_config.get("enabled", False):
-            cache = EmbeddingCache(cache_config["dir"], sam_cache_id(sam_backend, sam_checkpoint))
+            cache = EmbeddingCache(Path(cache_config["dir"]).expanduser(), sam_cache_id(sam_backend, sam_checkpoint))
             views = list(cache_config.get("views", ["identity"]))
         train_set = SegmentationDataset(train_samples, image_size, mask_size, cache, views, photometric,
                                         None if cache else geometric)
@@ -292,13 +348,14 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
                                progress=runtime.is_main)
             runtime.barrier()
         generator = build_prompt_generator(generator_config, embedding_size=sam.embedding_shape[-1]).to(runtime.device)
-        metadata = checkpoint_metadata(generator_config, sam_backend, None, trained_on=str(data_config["root"]),
-                                       val_clips=sorted({s.group for s in val_samples}))
+        metadata = checkpoint_metadata(generator_config, sam_backend, None, trained_on=[str(r) for r in as_root_list(data_config["root"])],
+                                       val_clips=val_groups, split_seed=split_seed, negatives=negatives or None)
 
         def forward_g(g: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
             images = batch["image"].to(runtime.device, non_blocking=True)
-            if "embedding" in batch:
-                embeddings = batch["embedding"].to(runtime.device, non_blocking=True).float()
+            if "embedding" in batch:  # stored float16: straight to the compute dtype, one copy
+                dtype = autocast_dtype(runtime.precision, runtime.device) or torch.float32
+                embeddings = batch["embedding"].to(runtime.device, dtype, non_blocking=True)
             else:
                 embeddings = sam.encode(images)
             return sam.decode(embeddings, g(images))
