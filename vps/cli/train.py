@@ -99,10 +99,9 @@ def prepare_resume(out: Path, config: Dict[str, Any], stages: Sequence[str], is_
 
 def training_samples(config: Dict[str, Any]) -> list:
     """The samples of ``data.root`` (one folder or a list of folders)."""
-    from vps.train.data import discover_samples
+    from vps.train.data import as_root_list, discover_samples
 
-    roots = config["data"]["root"]
-    return [s for root in (roots if isinstance(roots, list) else [roots]) for s in discover_samples(root)]
+    return [s for root in as_root_list(config["data"]["root"]) for s in discover_samples(root)]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
