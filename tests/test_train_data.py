@@ -100,11 +100,11 @@ def test_cosine_schedule_warms_up_decays_and_resumes_on_the_same_curve():
 
 
 def test_auto_precision_in_training_follows_the_cpu(monkeypatch):
-    import vps.train.trainer as trainer
+    import vps.hardware
 
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(vps.hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert setup_runtime({"device": "cpu", "precision": "auto"}).precision == "bf16"
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(vps.hardware, "cpu_flags", lambda: {"avx512f", "avx2"})
     assert setup_runtime({"device": "cpu", "precision": "auto"}).precision == "fp32"
     assert setup_runtime({"device": "cpu", "precision": "fp32"}).precision == "fp32"
     assert cpu_has_native_bf16({"avx512f", "amx_bf16"}) and not cpu_has_native_bf16({"avx512f", "avx2"})

