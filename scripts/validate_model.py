@@ -12,7 +12,8 @@ on which a method outputs any pixel above 0.5.
 
 ``--cache-dir`` reuses the training run's SAM embeddings (computed once per image, as in training);
 without it every image is encoded here. ``--split-from`` takes the validation split from another
-checkpoint (to score an older model on the same images).
+checkpoint (to score an older model on the same images). ``--eval-only`` scores the maps an earlier run
+left in ``--out`` again, without running the model.
 """
 
 from __future__ import annotations
@@ -83,32 +84,24 @@ def validation_samples(meta: dict, roots: List[Path]):
 
 
 def run_vps_eval(gt_root: Path, method_roots: List[Path], protocol: str, out_dir: Path) -> Dict[str, dict]:
-    command = ["vps-eval", "--gt-root", str(gt_root), "--protocol", protocol, "--out-dir", str(out_dir), "--all",
-               "--methods", *[str(m) for m in method_roots]]
-    print(" ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    arguments = ["--gt-root", str(gt_root), "--protocol", protocol, "--out-dir", str(out_dir), "--all",
+                 "--methods", *[str(m) for m in method_roots]]
+    print(" ".join(["vps-eval", *arguments]), flush=True)
+    # vps-eval of this interpreter's environment, whether or not its bin folder is on PATH
+    subprocess.run([sys.executable, "-m", "eval.cli", *arguments], check=True)
     summary = json.loads((out_dir / "summary.json").read_text())
     return summary if len(method_roots) > 1 else {method_roots[0].parent.name: summary}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--data", nargs="+", type=Path, default=DEFAULT_DATA, help="the training run's data roots")
-    parser.add_argument("--out", type=Path, default=Path("runs/validation"))
-    parser.add_argument("--cache-dir", type=Path, help="the training run's embedding cache (cache.dir)")
-    parser.add_argument("--split-from", type=Path, help="take the validation split from this checkpoint")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="g, SAM's decoder and h")
-    args = parser.parse_args()
-
-    meta = read_checkpoint(args.split_from or args.checkpoint)["meta"]
-    positives, crops = validation_samples(meta, args.data)
+def write_maps(args: argparse.Namespace, positives: List[Sample], crops: List[Sample]) -> None:
+    """Probability maps of every method for the validation images (``<out>/<method>/<source>/...``), the
+    ground truth beside them, and the share of polyp-free crops with output (``<out>/polyp_free.json``)."""
     autosam = load_model_from_checkpoint(args.checkpoint, "autosam")
     light = load_model_from_checkpoint(args.checkpoint, "light")
     sam = autosam.sam
     cache = EmbeddingCache(args.cache_dir.expanduser(), sam.backend) if args.cache_dir else None
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())
-    stills = {source: is_stills([s for s in positives if s.source == source]) for source in {s.source for s in positives}}
+    stills = sources_are_stills(positives)
     flagged = {method: [] for method in METHODS[:2]}
     reused = 0
     started = time.perf_counter()
@@ -120,6 +113,8 @@ def main() -> None:
             embeddings = cache.get(EmbeddingCache.image_key(image), "identity") if cache else None
             if embeddings is None:
                 embeddings = sam.encode(frame)
+                if cache is not None:  # a rerun (e.g. of another checkpoint) finds it
+                    cache.put(EmbeddingCache.image_key(image), "identity", embeddings[0])
             else:
                 embeddings, reused = embeddings[None].float(), reused + 1
             maps = {"AutoSAM": probability_map(autosam(frame, size, image_embeddings=embeddings)),
@@ -136,10 +131,20 @@ def main() -> None:
             save_png(mask.astype(np.uint8) * 255, args.out / "gt" / name)
     print(f"{len(positives)} validation images and {len(crops)} polyp-free crops in {time.perf_counter() - started:.0f} s"
           f" ({reused} SAM embeddings from the cache, the rest encoded here)")
+    free = {m: float(np.mean(v)) if v else float("nan") for m, v in flagged.items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "polyp_free.json").write_text(json.dumps({"crops": len(crops), **free}, indent=2) + "\n")
 
+
+def sources_are_stills(positives: List[Sample]) -> Dict[str, bool]:
+    return {source: is_stills([s for s in positives if s.source == source]) for source in {s.source for s in positives}}
+
+
+def report(args: argparse.Namespace, positives: List[Sample]) -> None:
+    """Scores the maps in ``args.out`` with vps-eval and prints every table of the model card."""
     rows = []
-    for source in sorted(stills):
-        protocol = "image" if stills[source] else "video"
+    for source, stills in sorted(sources_are_stills(positives).items()):
+        protocol = "image" if stills else "video"
         summaries = run_vps_eval(args.out / "gt" / source, [args.out / m / source for m in METHODS], protocol,
                                  args.out / "eval" / source)
         for method_root, summary in zip(METHODS, summaries.values()):
@@ -147,8 +152,8 @@ def main() -> None:
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "validation_summary.csv", index=False)
     paper = table.pivot(index="method", columns="source", values=["meanDice", "meanIoU"]).loc[METHODS]
-    free = pd.Series({m: float(np.mean(v)) if v else float("nan") for m, v in flagged.items()},
-                     name=f"share of {len(crops)} polyp-free crops with output")
+    free = json.loads((args.out / "polyp_free.json").read_text())
+    crops = free.pop("crops")
     columns = ["Smeasure", "meanEm", "wFmeasure", "meanFm", "maxDice", "meanDice", "meanIoU", "meanSen", "Dice@0.5"]
     pd.set_option("display.width", 200)
     for source, part in table.groupby("source"):
@@ -156,9 +161,29 @@ def main() -> None:
         print(part.set_index("method")[columns].to_string(float_format=lambda v: f"{v:.3f}"))
     print("\nThe AutoSAM paper's format (meanDice / meanIoU per set):")
     print(paper.to_string(float_format=lambda v: f"{v:.3f}"))
-    print("\nPolyp-free crops (any pixel above 0.5):")
-    print(free.to_string(float_format=lambda v: f"{v:.3f}"))
-    (args.out / "polyp_free.json").write_text(json.dumps({"crops": len(crops), **free.to_dict()}, indent=2) + "\n")
+    print(f"\nPolyp-free crops (any pixel above 0.5), share of {crops}:")
+    print(pd.Series(free).to_string(float_format=lambda v: f"{v:.3f}"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--data", nargs="+", type=Path, default=DEFAULT_DATA, help="the training run's data roots")
+    parser.add_argument("--out", type=Path, default=Path("runs/validation"))
+    parser.add_argument("--cache-dir", type=Path, help="the training run's embedding cache (cache.dir)")
+    parser.add_argument("--split-from", type=Path, help="take the validation split from this checkpoint")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="g, SAM's decoder and h")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="score the maps an earlier run of this command left in --out (no model run)")
+    args = parser.parse_args()
+
+    meta = read_checkpoint(args.split_from or args.checkpoint)["meta"]
+    positives, crops = validation_samples(meta, args.data)
+    if args.eval_only and not (args.out / "polyp_free.json").is_file():
+        raise SystemExit(f"validate_model: --eval-only needs the maps of an earlier run in {args.out}")
+    if not args.eval_only:
+        write_maps(args, positives, crops)
+    report(args, positives)
 
 
 if __name__ == "__main__":
