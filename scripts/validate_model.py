@@ -4,8 +4,10 @@ For each validation source recorded in the checkpoint (the CVC-ClinicDB validati
 validation stills, ...) it writes 8-bit probability maps of three methods -- AutoSAM (g + frozen SAM,
 no prompt), the light model h(g(I)) and the frozen SAM prompted with the ground-truth box (a reference
 that needs the answer) -- and scores them with ``vps-eval``: the video protocol for clips, the image
-protocol for stills. On the polyp-free crops of the validation images it reports the share of crops
-on which a method outputs any pixel above 0.5.
+protocol for stills. ``--prompt-baselines`` adds the AutoSAM paper's other SAM references: SAM prompted
+with interior points of the ground truth (one per connected component), with the ground-truth mask as its
+mask prompt, and with AutoSAM's output as its mask prompt (vps/modeling/prompts.py). On the polyp-free
+crops of the validation images it reports the share of crops on which a method outputs any pixel above 0.5.
 
     python scripts/validate_model.py --checkpoint vps/weights/autosam_litemedsam_polyp.pt \\
         --data ../shared/data/cvc-clinicdb-video ../shared/data/kvasir-seg --out runs/validation
@@ -35,6 +37,7 @@ from tqdm import tqdm
 import vps  # noqa: F401
 from vps.modeling import load_model_from_checkpoint, read_checkpoint
 from vps.modeling.autosam import upsample_logits
+from vps.modeling.prompts import prompted_logits
 from vps.train.cache import EmbeddingCache
 from vps.train.data import Sample, read_pair, split_sources
 from vps.train.negatives import NEGATIVE_SOURCE, polyp_free_crops
@@ -42,14 +45,9 @@ from vps.train.negatives import NEGATIVE_SOURCE, polyp_free_crops
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_DATA = [SHARED / "cvc-clinicdb-video", SHARED / "kvasir-seg"]
 METHODS = ["AutoSAM", "Light-h(g(I))", "LiteMedSAM-GT-box"]
-
-
-def box_from_mask(mask: np.ndarray, size: int) -> torch.Tensor:
-    """Bounding box (x0, y0, x1, y1) of a H x W bool mask, in a size x size frame."""
-    ys, xs = np.nonzero(mask)
-    height, width = mask.shape
-    return torch.tensor([xs.min() * size / width, ys.min() * size / height,
-                         (xs.max() + 1) * size / width, (ys.max() + 1) * size / height], dtype=torch.float32)
+# --prompt-baselines: the AutoSAM paper's other SAM references (vps/modeling/prompts.py), method -> baseline
+PROMPT_BASELINES = {"LiteMedSAM-GT-points": "gt_points", "LiteMedSAM-GT-mask": "gt_mask",
+                    "LiteMedSAM-AutoSAM-mask": "autosam_mask"}
 
 
 def probability_map(logits: torch.Tensor) -> np.ndarray:
@@ -99,7 +97,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, help="the training run's embedding cache (cache.dir)")
     parser.add_argument("--split-from", type=Path, help="take the validation split from this checkpoint")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="g, SAM's decoder and h")
+    parser.add_argument("--prompt-baselines", action="store_true",
+                        help="also SAM prompted with interior points of the ground truth (one per connected "
+                             "component), the ground-truth mask, and AutoSAM's output as the mask prompt")
     args = parser.parse_args()
+    methods = METHODS + (list(PROMPT_BASELINES) if args.prompt_baselines else [])
 
     meta = read_checkpoint(args.split_from or args.checkpoint)["meta"]
     positives, crops = validation_samples(meta, args.data)
@@ -122,14 +124,17 @@ def main() -> None:
                 embeddings = sam.encode(frame)
             else:
                 embeddings, reused = embeddings[None].float(), reused + 1
-            maps = {"AutoSAM": probability_map(autosam(frame, size, image_embeddings=embeddings)),
+            autosam_logits = autosam.low_res_logits(frame, embeddings)
+            maps = {"AutoSAM": probability_map(upsample_logits(autosam_logits, size)),
                     "Light-h(g(I))": probability_map(light(frame, size))}
             if sample.source == NEGATIVE_SOURCE:
                 for method, array in maps.items():
                     flagged[method].append(bool((array > 127).any()))  # some pixel with probability > 0.5
                 continue
-            box = box_from_mask(mask, sam.image_size)[None]
-            maps["LiteMedSAM-GT-box"] = probability_map(upsample_logits(sam.decode_with_boxes(embeddings, box), size))
+            for method, baseline in {"LiteMedSAM-GT-box": "gt_box", **PROMPT_BASELINES}.items():
+                if method in methods:
+                    logits = prompted_logits(sam, embeddings, baseline, [mask], autosam_logits)
+                    maps[method] = probability_map(upsample_logits(logits, size))
             name = relative_path(sample, stills[sample.source])
             for method, array in maps.items():
                 save_png(array, args.out / method / name)
@@ -140,13 +145,13 @@ def main() -> None:
     rows = []
     for source in sorted(stills):
         protocol = "image" if stills[source] else "video"
-        summaries = run_vps_eval(args.out / "gt" / source, [args.out / m / source for m in METHODS], protocol,
+        summaries = run_vps_eval(args.out / "gt" / source, [args.out / m / source for m in methods], protocol,
                                  args.out / "eval" / source)
-        for method_root, summary in zip(METHODS, summaries.values()):
+        for method_root, summary in zip(methods, summaries.values()):
             rows.append({"source": source, "protocol": protocol, "method": method_root, **summary})
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "validation_summary.csv", index=False)
-    paper = table.pivot(index="method", columns="source", values=["meanDice", "meanIoU"]).loc[METHODS]
+    paper = table.pivot(index="method", columns="source", values=["meanDice", "meanIoU"]).loc[methods]
     free = pd.Series({m: float(np.mean(v)) if v else float("nan") for m, v in flagged.items()},
                      name=f"share of {len(crops)} polyp-free crops with output")
     columns = ["Smeasure", "meanEm", "wFmeasure", "meanFm", "maxDice", "meanDice", "meanIoU", "meanSen", "Dice@0.5"]
