@@ -5,8 +5,8 @@ validation stills, ...) it writes 8-bit probability maps of three methods -- Aut
 no prompt), the light model h(g(I)) and the frozen SAM prompted with the ground-truth box (a reference
 that needs the answer) -- and scores them with ``vps-eval``: the video protocol for clips, the image
 protocol for stills. ``--prompt-baselines`` adds the AutoSAM paper's other SAM references: SAM prompted
-with interior points of the ground truth (one per connected component), with the ground-truth mask as its
-mask prompt, and with AutoSAM's output as its mask prompt (vps/modeling/prompts.py). On the polyp-free
+with a box or an interior point per connected component of the ground truth, with the ground-truth mask as
+its mask prompt, and with AutoSAM's output as its mask prompt (vps/modeling/prompts.py). On the polyp-free
 crops of the validation images it reports the share of crops on which a method outputs any pixel above 0.5.
 
     python scripts/validate_model.py --checkpoint vps/weights/autosam_litemedsam_polyp.pt \\
@@ -46,8 +46,8 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_DATA = [SHARED / "cvc-clinicdb-video", SHARED / "kvasir-seg"]
 METHODS = ["AutoSAM", "Light-h(g(I))", "LiteMedSAM-GT-box"]
 # --prompt-baselines: the AutoSAM paper's other SAM references (vps/modeling/prompts.py), method -> baseline
-PROMPT_BASELINES = {"LiteMedSAM-GT-points": "gt_points", "LiteMedSAM-GT-mask": "gt_mask",
-                    "LiteMedSAM-AutoSAM-mask": "autosam_mask"}
+PROMPT_BASELINES = {"LiteMedSAM-GT-boxes": "gt_boxes", "LiteMedSAM-GT-points": "gt_points",
+                    "LiteMedSAM-GT-mask": "gt_mask", "LiteMedSAM-AutoSAM-mask": "autosam_mask"}
 
 
 def probability_map(logits: torch.Tensor) -> np.ndarray:
@@ -98,8 +98,8 @@ def main() -> None:
     parser.add_argument("--split-from", type=Path, help="take the validation split from this checkpoint")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="g, SAM's decoder and h")
     parser.add_argument("--prompt-baselines", action="store_true",
-                        help="also SAM prompted with interior points of the ground truth (one per connected "
-                             "component), the ground-truth mask, and AutoSAM's output as the mask prompt")
+                        help="also SAM prompted with a box or an interior point per connected component of the "
+                             "ground truth, the ground-truth mask, and AutoSAM's output as the mask prompt")
     args = parser.parse_args()
     methods = METHODS + (list(PROMPT_BASELINES) if args.prompt_baselines else [])
 

@@ -11,6 +11,7 @@ from vps.modeling.prompts import (
     MASK_PROMPT_LOGIT,
     SAM_PROMPT_BASELINES,
     box_from_mask,
+    boxes_from_mask,
     mask_prompt_from_mask,
     pad_points,
     points_from_mask,
@@ -56,6 +57,30 @@ def test_pad_points_marks_padding_with_sams_label():
     coords, labels = pad_points([torch.ones(3, 2), torch.zeros(0, 2), torch.full((1, 2), 5.0)])
     assert coords.shape == (3, 3, 2) and labels.tolist() == [[1, 1, 1], [-1, -1, -1], [1, -1, -1]]
     assert coords[2, 0].tolist() == [5.0, 5.0]
+
+
+def test_one_box_per_component():
+    boxes = boxes_from_mask(two_objects(), 200)  # a 200 x 120 mask in a 200 x 200 frame: y scaled by 200 / 120
+    assert boxes.shape == (2, 4)
+    assert boxes[1].tolist() == pytest.approx([150, 20 * 200 / 120, 162, 32 * 200 / 120])
+    assert boxes_from_mask(np.zeros((5, 5), bool), 256).shape == (0, 4)
+
+
+def test_per_component_prompts_are_decoded_one_by_one_and_united(tiny_autosam):
+    """gt_points equals the maximum of SAM's answers to each component's point alone."""
+    sam = tiny_autosam.sam
+    mask = np.zeros((64, 64), bool)
+    mask[5:15, 5:15], mask[30:50, 40:60] = True, True
+    with torch.no_grad():
+        embeddings = sam.encode(torch.rand(1, 3, 64, 64))
+        united = prompted_logits(sam, embeddings, "gt_points", [mask])
+        points = points_from_mask(mask, sam.image_size)
+        alone = [sam.decode_with_prompts(embeddings, points=(p[None, None], torch.ones(1, 1, dtype=torch.int64)))
+                 for p in points]
+        empty = prompted_logits(sam, embeddings, "gt_boxes", [np.zeros((64, 64), bool)])
+    assert len(alone) == 2
+    assert torch.allclose(united, torch.maximum(*alone), atol=1e-5)
+    assert (empty < 0).all()  # no object, no prompt: nothing segmented
 
 
 def test_box_and_mask_prompt_from_a_known_mask():

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vps.modeling import AutoSAM, LightModel, PromptFreeSam
+from vps.tiling import tiled_logits
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -188,7 +189,7 @@ class SegmentationEngine:
         return images
 
     def _forward(self, images: torch.Tensor, size: Optional[tuple]) -> torch.Tensor:
-        """B x 3 x h x w images -> B x 1 x h' x w' float32 logits (``size`` when given, else the model's own)."""
+        """B x 3 x h x w images -> B x K x h' x w' float32 logits (``size`` when given, else the model's own)."""
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             if isinstance(self.model, (AutoSAM, LightModel, PromptFreeSam)):
                 logits = self.model.low_res_logits(images) if size is None else self.model(images, output_size=size)
@@ -233,8 +234,6 @@ class SegmentationEngine:
     def tiled_still(self, frame: torch.Tensor) -> torch.Tensor:
         """H x W x 3 uint8 -> H x W uint8 probability map (K x H x W for K > 1 classes), segmented in overlapping
         ``tile`` x ``tile`` windows at full resolution, each resized to the model's input (vps/tiling.py)."""
-        from vps.tiling import tiled_logits
-
         image = frame.to(self.device).permute(2, 0, 1).float().div_(255)
         logits = tiled_logits(lambda windows: self._forward(resize_images(windows, self.stills_size), None),
                               image, self.tile)[0]

@@ -124,7 +124,7 @@ def build_autosam(config: Dict[str, Any], sam: Optional[FrozenSam] = None, pretr
     return AutoSAM(sam, generator)
 
 
-# ---- checkpoints of g and h -------------------------------------------------------------------
+# ---- checkpoints of g and h, and of the prompt-free heads ----------------------------------------
 
 
 def checkpoint_metadata(prompt_generator_config: Optional[Dict[str, Any]], sam_backend: str,

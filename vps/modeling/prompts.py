@@ -3,12 +3,18 @@
 The frozen SAM is prompted with what a person (or another model) would give it, read off the ground
 truth: its bounding box, a point inside it, the mask itself, or AutoSAM's own output as the mask prompt.
 All coordinates are in the encoder's square input (``sam.image_size``), as FrozenSam resizes every image
-to it without padding; ``prompted_logits`` runs one baseline on a batch.
+to it without padding; ``prompted_logits`` runs one baseline on a batch. Images with many objects (nuclei,
+glands) get one prompt per connected component (``gt_points``, ``gt_boxes``), each decoded on its own and
+the masks united, since a SAM prompt names one object.
+
+LiteMedSAM (MedSAM distilled) was trained with box prompts only: it segments from boxes, but point and mask
+prompts leave its output empty (measured on MoNuSeg). The point and mask baselines are meant for SAM ViT
+weights (``--sam vit_b --sam-checkpoint ...``).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +27,8 @@ from vps.modeling.sam import FrozenSam
 # of a few units to about 20 in magnitude); the sign carries the mask, the size saturates SAM's mask input.
 MASK_PROMPT_LOGIT = 10.0
 PAD_LABEL = -1  # SAM's label for "no point" (padding)
-SAM_PROMPT_BASELINES = ("gt_box", "gt_points", "gt_point", "gt_mask", "autosam_mask")
+SAM_PROMPT_BASELINES = ("gt_box", "gt_boxes", "gt_point", "gt_points", "gt_mask", "autosam_mask")
+UNION_CHUNK = 32  # single-object prompts decoded per call by the per-component baselines
 
 
 def box_from_mask(mask: np.ndarray, size: int) -> torch.Tensor:
@@ -30,6 +37,16 @@ def box_from_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     height, width = mask.shape
     return torch.tensor([xs.min() * size / width, ys.min() * size / height,
                          (xs.max() + 1) * size / width, (ys.max() + 1) * size / height], dtype=torch.float32)
+
+
+def boxes_from_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    """The bounding box of every 8-connected component of a H x W bool mask: N x 4 (x0, y0, x1, y1), size x size frame."""
+    mask = np.asarray(mask, dtype=bool)
+    height, width = mask.shape
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+    boxes = [(cols.start * size / width, rows.start * size / height, cols.stop * size / width, rows.stop * size / height)
+             for rows, cols in ndimage.find_objects(labels)]
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
 
 def points_from_mask(mask: np.ndarray, size: int, per_component: bool = True) -> torch.Tensor:
@@ -78,6 +95,28 @@ def mask_prompt_from_mask(mask: np.ndarray, size: int = 256, logit: float = MASK
     return torch.where(inside, logit, -logit).float()
 
 
+def union_of_prompts(sam: FrozenSam, image_embedding: torch.Tensor, points: Optional[torch.Tensor] = None,
+                     boxes: Optional[torch.Tensor] = None, chunk: int = UNION_CHUNK) -> torch.Tensor:
+    """One image, N single-object prompts (N points or N boxes), each decoded on its own as SAM is meant to be
+    used (a prompt names one object), the N masks united (the maximum of their logits): 1 x 1 x 256 x 256.
+
+    No prompt (an empty ground truth) gives an empty mask (all logits -MASK_PROMPT_LOGIT).
+    """
+    prompts = points if points is not None else boxes
+    side = 4 * sam.embedding_shape[-1]
+    united = torch.full((1, 1, side, side), -MASK_PROMPT_LOGIT, device=image_embedding.device)
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start:start + chunk].to(image_embedding.device)
+        embeddings = image_embedding.expand(len(part), -1, -1, -1)
+        if points is not None:
+            labels = torch.ones(len(part), 1, dtype=torch.int64, device=part.device)
+            logits = sam.decode_with_prompts(embeddings, points=(part[:, None, :], labels))
+        else:
+            logits = sam.decode_with_prompts(embeddings, boxes=part)
+        united = torch.maximum(united, logits.float().amax(0, keepdim=True))
+    return united
+
+
 def prompted_logits(sam: FrozenSam, image_embeddings: torch.Tensor, method: str,
                     masks: Sequence[np.ndarray] = (), autosam_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One SAM prompt baseline on a batch: B x 1 x 256 x 256 low-resolution mask logits.
@@ -85,9 +124,10 @@ def prompted_logits(sam: FrozenSam, image_embeddings: torch.Tensor, method: str,
     Arguments:
       sam: the frozen SAM whose embeddings these are.
       image_embeddings: B x 256 x 64 x 64.
-      method: ``gt_box`` (the mask's bounding box), ``gt_points`` (one interior point per connected component,
-        all in one prompt), ``gt_point`` (one interior point per image), ``gt_mask`` (the mask as the mask
-        prompt), ``autosam_mask`` (AutoSAM's own output as the mask prompt).
+      method: ``gt_box`` (the mask's bounding box, one per image), ``gt_boxes`` (one box per connected component,
+        each its own prompt, the masks united), ``gt_point`` (one interior point per image), ``gt_points`` (one
+        interior point per connected component, each its own prompt, the masks united), ``gt_mask`` (the mask
+        as the mask prompt), ``autosam_mask`` (AutoSAM's own output as the mask prompt).
       masks: B ground-truth H x W bool masks (any size; not needed for ``autosam_mask``).
       autosam_logits: B x 1 x 256 x 256 AutoSAM low-resolution logits (``AutoSAM.low_res_logits``), for
         ``autosam_mask``.
@@ -108,7 +148,11 @@ def prompted_logits(sam: FrozenSam, image_embeddings: torch.Tensor, method: str,
         mask_size = 4 * sam.embedding_shape[-1]
         prompts = torch.stack([mask_prompt_from_mask(m, mask_size) for m in masks]).to(device)
         return sam.decode_with_prompts(image_embeddings, mask_inputs=prompts)
-    point_sets: List[torch.Tensor] = [points_from_mask(m, sam.image_size, per_component=method == "gt_points")
-                                      for m in masks]
-    coords, labels = pad_points(point_sets)
-    return sam.decode_with_prompts(image_embeddings, points=(coords.to(device), labels.to(device)))
+    if method == "gt_point":
+        coords, labels = pad_points([points_from_mask(m, sam.image_size, per_component=False) for m in masks])
+        return sam.decode_with_prompts(image_embeddings, points=(coords.to(device), labels.to(device)))
+    if method == "gt_points":
+        return torch.cat([union_of_prompts(sam, embedding[None], points=points_from_mask(m, sam.image_size))
+                          for embedding, m in zip(image_embeddings, masks)])
+    return torch.cat([union_of_prompts(sam, embedding[None], boxes=boxes_from_mask(m, sam.image_size))
+                      for embedding, m in zip(image_embeddings, masks)])
