@@ -11,7 +11,7 @@ import vps  # noqa: F401
 from test_video_io import moving_disc
 from vps.inference import (
     ExponentialSmoother, SegmentationEngine, autocast_dtype, fuse_conv_bn, model_input_size, per_frame_loop,
-    resolve_device, threshold_uint8,
+    resolve_device, resolve_precision, threshold_uint8,
 )
 
 
@@ -104,6 +104,20 @@ def test_precision_and_device_checks():
     for name in ("gpu", "meta", "cuda:x"):
         with pytest.raises(ValueError, match=f"--device {name}: expected auto, cpu, cuda or cuda:N"):
             resolve_device(name)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx512f", "avx512_bf16"}, "bf16"),  # AVX512-BF16 (AMD Zen 4, Intel Cooper Lake and later)
+    ({"avx512f", "amx_bf16", "amx_tile"}, "bf16"),  # AMX (Intel Sapphire Rapids and later)
+    ({"avx512f", "avx2"}, "fp32"),  # bf16 would be emulated: slower than fp32
+    (set(), "fp32"),  # no /proc/cpuinfo
+])
+def test_auto_precision_follows_the_cpu(monkeypatch, flags, expected):
+    monkeypatch.setattr("vps.hardware.cpu_flags", lambda: flags)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("auto", torch.device("cuda:1")) == "bf16"  # whatever the CPU
+    for name in ("fp32", "bf16", "fp16"):  # an explicit --precision always wins
+        assert resolve_precision(name, torch.device("cpu")) == name
 
 
 def test_threshold_uint8_matches_probabilities():

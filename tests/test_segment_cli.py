@@ -354,7 +354,7 @@ def test_interrupt_leaves_no_partial_files(tmp_path, capsys, checkpoint, monkeyp
     from vps.inference import SegmentationEngine
 
     calls = []
-    original = SegmentationEngine.__call__
+    original = SegmentationEngine.probabilities  # what vps.Segmenter runs the model through
 
     def interrupted(self, frames):
         calls.append(1)
@@ -362,7 +362,7 @@ def test_interrupt_leaves_no_partial_files(tmp_path, capsys, checkpoint, monkeyp
             raise KeyboardInterrupt
         return original(self, frames)
 
-    monkeypatch.setattr(SegmentationEngine, "__call__", interrupted)
+    monkeypatch.setattr(SegmentationEngine, "probabilities", interrupted)
     video = make_video(tmp_path / "clip.mp4", count=6)
     code, _, err = segment(capsys, video, "--out", tmp_path / "out" / "m.mp4", "--png-dir", tmp_path / "out",
                            "--overlay", "--batch-size", 2, *light(checkpoint))

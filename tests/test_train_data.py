@@ -100,11 +100,11 @@ def test_cosine_schedule_warms_up_decays_and_resumes_on_the_same_curve():
 
 
 def test_auto_precision_in_training_follows_the_cpu(monkeypatch):
-    import vps.train.trainer as trainer
+    import vps.hardware
 
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(vps.hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert setup_runtime({"device": "cpu", "precision": "auto"}).precision == "bf16"
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(vps.hardware, "cpu_flags", lambda: {"avx512f", "avx2"})
     assert setup_runtime({"device": "cpu", "precision": "auto"}).precision == "fp32"
     assert setup_runtime({"device": "cpu", "precision": "fp32"}).precision == "fp32"
     assert cpu_has_native_bf16({"avx512f", "amx_bf16"}) and not cpu_has_native_bf16({"avx512f", "avx2"})
@@ -129,3 +129,34 @@ def test_tiny_run_on_a_mix_of_clips_stills_and_polyp_free_crops(tmp_path, capsys
     assert "surrogate" in payload and payload["meta"]["trained_on"] == [str(clips), str(stills)]
     cached = list((tmp_path / "cache").rglob("*.npy"))
     assert len(cached) > 9 + 6  # every image, every crop, two views of the training part
+
+
+def _shrink_dataset_main():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "shrink_dataset.py"
+    spec = importlib.util.spec_from_file_location("shrink_dataset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_shrunk_copy_keeps_layout_stems_and_split_with_smaller_images(tmp_path, capsys):
+    shrink_main = _shrink_dataset_main()
+    stills = tmp_path / "stills"
+    write_stills(stills, count=8, sizes=((120, 90), (40, 30)))
+    assert shrink_main([str(stills), str(tmp_path / "small"), "--max-side", "60"]) == 0
+    original, small = split_sources([stills], None, 0.25, 0), split_sources([tmp_path / "small"], None, 0.25, 0)
+    assert [[s.group for s in part] for part in original] == [[s.group for s in part] for part in small]
+    for before, after in zip(original[0] + original[1], small[0] + small[1]):
+        image, mask = read_pair(before)
+        small_image, small_mask = read_pair(after)
+        assert after.image.suffix == ".jpg" and after.mask.suffix == ".png"
+        assert max(small_mask.shape) == min(60, max(mask.shape))  # scaled down, never up
+        assert small_image.shape[:2] == small_mask.shape
+        assert abs(small_mask.mean() - mask.mean()) < 0.05  # the polyp keeps its share of the image
+
+    assert shrink_main([str(stills), str(tmp_path / "small")]) == 2  # never writes into an existing folder
+    assert shrink_main([str(stills), str(stills / "inside")]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+import vps
 from conftest import TINY_VIT
 from test_segment_cli import read_pngs, segment
 from test_train import TINY_SAM, tiny_config, write_clips
@@ -113,6 +114,9 @@ def test_several_classes_random_crops_and_outputs_per_class(tmp_path, capsys, ti
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 3 * 2 * 2 + 2
     model = load_model_from_checkpoint(model_path, "head")
     assert model(torch.rand(1, 3, 40, 50)).shape == (1, 2, 40, 50)
+    segmenter = vps.Segmenter(checkpoint=model_path, model="head", device="cpu", precision="fp32")
+    assert segmenter.class_names == ("gland", "lumen")
+    assert segmenter.predict(np.zeros((3, 40, 50, 3), np.uint8), batch_size=2).shape == (3, 2, 40, 50)
 
     code, stdout, err = segment(capsys, data, "--stills", "--png-dir", tmp_path / "png", "--model", "head",
                                 "--checkpoint", model_path, "--tile", 48, "--quiet")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vps.hardware import cpu_has_native_bf16
 from vps.modeling import AutoSAM, LightModel, PromptFreeSam
 from vps.tiling import tiled_logits
 
@@ -40,10 +41,17 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA, fp32 elsewhere; any other name is returned as given."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    """The one rule for ``auto``, shared by inference and training.
+
+    ``auto``: bf16 autocast on CUDA and on CPUs that compute bf16 natively (AVX512-BF16 or AMX,
+    from the CPU flags), where it is about 2.5x faster than fp32 for AutoSAM; fp32 on other CPUs,
+    which emulate bf16 slowly. Any other name is returned as given (checked by ``autocast_dtype``).
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return "bf16"
+    return "fp32"
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -109,7 +117,7 @@ def resize_images(images: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def probabilities_to_uint8(probabilities: torch.Tensor) -> torch.Tensor:
-    """Probabilities in [0, 1] -> round(255 p) as uint8 (never normalised per frame)."""
+    """Probabilities in [0, 1] -> round(255 p) as uint8 (never normalised per frame), same shape."""
     return (probabilities * 255).round_().to(torch.uint8)
 
 
@@ -208,9 +216,15 @@ class SegmentationEngine:
         return logits[:, 0] if logits.shape[1] == 1 else logits
 
     @torch.inference_mode()
-    def stills(self, frames: List[torch.Tensor]) -> List[torch.Tensor]:
-        """H x W x 3 uint8 images of any sizes -> one H x W uint8 probability map each (K x H x W for K > 1
-        classes), on the CPU.
+    def probabilities(self, frames: torch.Tensor) -> torch.Tensor:
+        """B x H x W x 3 uint8 -> B x H x W float32 probabilities (B x K x H x W for K > 1 classes; sigmoid of the
+        logits, not smoothed), on the device."""
+        return torch.sigmoid(self.logits(frames))
+
+    @torch.inference_mode()
+    def still_probabilities(self, frames: List[torch.Tensor]) -> List[torch.Tensor]:
+        """H x W x 3 uint8 images of any sizes -> one H x W float32 probability map each (K x H x W for K > 1
+        classes), on the device.
 
         Every image is resized to the model's fixed input on the device, so images of different
         sizes share one batch; each map is upsampled back to its own image's size. With ``tile``, each
@@ -227,23 +241,29 @@ class SegmentationEngine:
         for logit, frame in zip(logits, frames):
             size = tuple(frame.shape[:2])
             logit = F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False)[0]
-            maps.append(probabilities_to_uint8(torch.sigmoid(logit[0] if len(logit) == 1 else logit)).cpu())
+            maps.append(torch.sigmoid(logit[0] if len(logit) == 1 else logit))
         return maps
 
     @torch.inference_mode()
     def tiled_still(self, frame: torch.Tensor) -> torch.Tensor:
-        """H x W x 3 uint8 -> H x W uint8 probability map (K x H x W for K > 1 classes), segmented in overlapping
-        ``tile`` x ``tile`` windows at full resolution, each resized to the model's input (vps/tiling.py)."""
+        """H x W x 3 uint8 -> H x W float32 probability map (K x H x W for K > 1 classes) on the device, segmented
+        in overlapping ``tile`` x ``tile`` windows at full resolution, each resized to the model's input
+        (vps/tiling.py)."""
         image = frame.to(self.device).permute(2, 0, 1).float().div_(255)
         logits = tiled_logits(lambda windows: self._forward(resize_images(windows, self.stills_size), None),
                               image, self.tile)[0]
-        return probabilities_to_uint8(torch.sigmoid(logits[0] if len(logits) == 1 else logits)).cpu()
+        return torch.sigmoid(logits[0] if len(logits) == 1 else logits)
+
+    @torch.inference_mode()
+    def stills(self, frames: List[torch.Tensor]) -> List[torch.Tensor]:
+        """H x W x 3 uint8 images of any sizes -> one H x W uint8 probability map each (K x H x W for K > 1
+        classes), on the CPU (``still_probabilities`` as 8-bit maps)."""
+        return [probabilities_to_uint8(p).cpu() for p in self.still_probabilities(frames)]
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         """B x H x W x 3 uint8 -> B x H x W uint8 probability maps (sigmoid x 255, smoothed), on the CPU."""
-        probabilities = self.smoother(torch.sigmoid(self.logits(frames)))
-        return probabilities_to_uint8(probabilities).cpu()
+        return probabilities_to_uint8(self.smoother(self.probabilities(frames))).cpu()
 
 
 @torch.no_grad()

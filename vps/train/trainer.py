@@ -22,7 +22,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vps.config import class_names, save_config
-from vps.hardware import cpu_has_native_bf16
 from vps.inference import autocast_dtype, resolve_device, resolve_precision
 from vps.modeling import build_prompt_generator, build_sam, build_surrogate, checkpoint_metadata, save_checkpoint
 from vps.modeling.build import read_checkpoint
@@ -36,6 +35,7 @@ from vps.train.dataset import SegmentationDataset, fill_cache
 from vps.train.negatives import polyp_free_crops
 
 MODEL_FILE = "model.pt"
+PLOT_INTERVAL_SECONDS = 30.0
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -99,10 +99,7 @@ def setup_runtime(config: Dict[str, Any]) -> Runtime:
     device = resolve_device(config.get("device", "auto"), local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    precision = config.get("precision", "auto")
-    # Training's own auto: bf16 also on CPUs that compute it natively (AVX512-BF16, AMX), where it is faster.
-    precision = "bf16" if precision == "auto" and device.type == "cpu" and cpu_has_native_bf16() else \
-        resolve_precision(precision, device)
+    precision = resolve_precision(config.get("precision", "auto"), device)
     autocast_dtype(precision, device)  # rejects unknown names and fp16 on CPU, with a one-line message
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -131,8 +128,9 @@ class EpochLog:
         with self.path.open() as handle:
             return list(csv.DictReader(handle))
 
-    def append(self, row: Dict[str, float], keep_epochs_below: int) -> None:
-        """Append a row, first dropping rows of epochs >= keep_epochs_below (left by a killed run)."""
+    def append(self, row: Dict[str, float], keep_epochs_below: int, plot: bool = True) -> None:
+        """Append a row, first dropping rows of epochs >= keep_epochs_below (left by a killed run); redraw the
+        plot when ``plot``."""
         rows = [r for r in self.rows() if int(r["epoch"]) < keep_epochs_below] + [
             {k: f"{row[k]:.6g}" if isinstance(row[k], float) else row[k] for k in self.fields if k in row}]
         temporary = self.path.with_name(self.path.name + ".partial")
@@ -141,7 +139,8 @@ class EpochLog:
             writer.writeheader()
             writer.writerows(rows)
         temporary.replace(self.path)
-        self.plot(rows)
+        if plot:
+            self.plot(rows)
 
     def plot(self, rows: List[Dict[str, str]]) -> None:
         import matplotlib
@@ -227,6 +226,7 @@ def run_stage(
                   f"stage {name} already finished its {start_epoch} epochs; nothing to train")
     model = DistributedDataParallel(trainable) if runtime.distributed else trainable
     epochs = int(settings["epochs"])
+    last_plot = -math.inf
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         if isinstance(train_loader.sampler, DistributedSampler):
@@ -262,9 +262,12 @@ def run_stage(
             torch.save(torch_state, temporary)
             temporary.replace(state_path)
             seconds = time.perf_counter() - started
+            # Drawing the plot takes about 0.3 s: on a GPU, where an epoch takes seconds, at most every 30 s.
+            plot = epoch == epochs - 1 or time.perf_counter() - last_plot > PLOT_INTERVAL_SECONDS
             log.append({"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
                         "val_dice": val_dice, "seconds": seconds,
-                        **{f"val_dice_{k}": v for k, v in by_source.items()}}, keep_epochs_below=epoch + 1)
+                        **{f"val_dice_{k}": v for k, v in by_source.items()}}, keep_epochs_below=epoch + 1, plot=plot)
+            last_plot = time.perf_counter() if plot else last_plot
             per_source = "".join(f", {k} {v:.4f}" for k, v in by_source.items()) if len(by_source) > 1 else ""
             print(f"{name} epoch {epoch + 1}/{epochs}: lr {lr:.2e}, train loss {train_loss:.4f}, validation loss "
                   f"{val_loss:.4f}, validation Dice {val_dice:.4f}{per_source}, {seconds:.1f} s", flush=True)
