@@ -4,8 +4,10 @@ For each validation source recorded in the checkpoint (the CVC-ClinicDB validati
 validation stills, ...) it writes 8-bit probability maps of three methods -- AutoSAM (g + frozen SAM,
 no prompt), the light model h(g(I)) and the frozen SAM prompted with the ground-truth box (a reference
 that needs the answer) -- and scores them with ``vps-eval``: the video protocol for clips, the image
-protocol for stills. On the polyp-free crops of the validation images it reports the share of crops
-on which a method outputs any pixel above 0.5.
+protocol for stills. ``--prompt-baselines`` adds the AutoSAM paper's other SAM references: SAM prompted
+with a box or an interior point per connected component of the ground truth, with the ground-truth mask as
+its mask prompt, and with AutoSAM's output as its mask prompt (vps/modeling/prompts.py). On the polyp-free
+crops of the validation images it reports the share of crops on which a method outputs any pixel above 0.5.
 
     python scripts/validate_model.py --checkpoint vps/weights/autosam_litemedsam_polyp.pt \\
         --data ../shared/data/cvc-clinicdb-video ../shared/data/kvasir-seg --out runs/validation
@@ -36,6 +38,7 @@ from tqdm import tqdm
 import vps  # noqa: F401
 from vps.modeling import load_model_from_checkpoint, read_checkpoint
 from vps.modeling.autosam import upsample_logits
+from vps.modeling.prompts import prompted_logits
 from vps.train.cache import EmbeddingCache
 from vps.train.data import Sample, read_pair, split_sources
 from vps.train.negatives import NEGATIVE_SOURCE, polyp_free_crops
@@ -43,14 +46,9 @@ from vps.train.negatives import NEGATIVE_SOURCE, polyp_free_crops
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_DATA = [SHARED / "cvc-clinicdb-video", SHARED / "kvasir-seg"]
 METHODS = ["AutoSAM", "Light-h(g(I))", "LiteMedSAM-GT-box"]
-
-
-def box_from_mask(mask: np.ndarray, size: int) -> torch.Tensor:
-    """Bounding box (x0, y0, x1, y1) of a H x W bool mask, in a size x size frame."""
-    ys, xs = np.nonzero(mask)
-    height, width = mask.shape
-    return torch.tensor([xs.min() * size / width, ys.min() * size / height,
-                         (xs.max() + 1) * size / width, (ys.max() + 1) * size / height], dtype=torch.float32)
+# --prompt-baselines: the AutoSAM paper's other SAM references (vps/modeling/prompts.py), method -> baseline
+PROMPT_BASELINES = {"LiteMedSAM-GT-boxes": "gt_boxes", "LiteMedSAM-GT-points": "gt_points",
+                    "LiteMedSAM-GT-mask": "gt_mask", "LiteMedSAM-AutoSAM-mask": "autosam_mask"}
 
 
 def probability_map(logits: torch.Tensor) -> np.ndarray:
@@ -93,8 +91,8 @@ def run_vps_eval(gt_root: Path, method_roots: List[Path], protocol: str, out_dir
     return summary if len(method_roots) > 1 else {method_roots[0].parent.name: summary}
 
 
-def write_maps(args: argparse.Namespace, positives: List[Sample], crops: List[Sample]) -> None:
-    """Probability maps of every method for the validation images (``<out>/<method>/<source>/...``), the
+def write_maps(args: argparse.Namespace, positives: List[Sample], crops: List[Sample], methods: List[str]) -> None:
+    """Probability maps of ``methods`` for the validation images (``<out>/<method>/<source>/...``), the
     ground truth beside them, and the share of polyp-free crops with output (``<out>/polyp_free.json``)."""
     autosam = load_model_from_checkpoint(args.checkpoint, "autosam")
     light = load_model_from_checkpoint(args.checkpoint, "light")
@@ -117,14 +115,17 @@ def write_maps(args: argparse.Namespace, positives: List[Sample], crops: List[Sa
                     cache.put(EmbeddingCache.image_key(image), "identity", embeddings[0])
             else:
                 embeddings, reused = embeddings[None].float(), reused + 1
-            maps = {"AutoSAM": probability_map(autosam(frame, size, image_embeddings=embeddings)),
+            autosam_logits = autosam.low_res_logits(frame, embeddings)
+            maps = {"AutoSAM": probability_map(upsample_logits(autosam_logits, size)),
                     "Light-h(g(I))": probability_map(light(frame, size))}
             if sample.source == NEGATIVE_SOURCE:
                 for method, array in maps.items():
                     flagged[method].append(bool((array > 127).any()))  # some pixel with probability > 0.5
                 continue
-            box = box_from_mask(mask, sam.image_size)[None]
-            maps["LiteMedSAM-GT-box"] = probability_map(upsample_logits(sam.decode_with_boxes(embeddings, box), size))
+            for method, baseline in {"LiteMedSAM-GT-box": "gt_box", **PROMPT_BASELINES}.items():
+                if method in methods:
+                    logits = prompted_logits(sam, embeddings, baseline, [mask], autosam_logits)
+                    maps[method] = probability_map(upsample_logits(logits, size))
             name = relative_path(sample, stills[sample.source])
             for method, array in maps.items():
                 save_png(array, args.out / method / name)
@@ -140,18 +141,18 @@ def sources_are_stills(positives: List[Sample]) -> Dict[str, bool]:
     return {source: is_stills([s for s in positives if s.source == source]) for source in {s.source for s in positives}}
 
 
-def report(args: argparse.Namespace, positives: List[Sample]) -> None:
+def report(args: argparse.Namespace, positives: List[Sample], methods: List[str]) -> None:
     """Scores the maps in ``args.out`` with vps-eval and prints every table of the model card."""
     rows = []
     for source, stills in sorted(sources_are_stills(positives).items()):
         protocol = "image" if stills else "video"
-        summaries = run_vps_eval(args.out / "gt" / source, [args.out / m / source for m in METHODS], protocol,
+        summaries = run_vps_eval(args.out / "gt" / source, [args.out / m / source for m in methods], protocol,
                                  args.out / "eval" / source)
-        for method_root, summary in zip(METHODS, summaries.values()):
+        for method_root, summary in zip(methods, summaries.values()):
             rows.append({"source": source, "protocol": protocol, "method": method_root, **summary})
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "validation_summary.csv", index=False)
-    paper = table.pivot(index="method", columns="source", values=["meanDice", "meanIoU"]).loc[METHODS]
+    paper = table.pivot(index="method", columns="source", values=["meanDice", "meanIoU"]).loc[methods]
     free = json.loads((args.out / "polyp_free.json").read_text())
     crops = free.pop("crops")
     columns = ["Smeasure", "meanEm", "wFmeasure", "meanFm", "maxDice", "meanDice", "meanIoU", "meanSen", "Dice@0.5"]
@@ -173,17 +174,21 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, help="the training run's embedding cache (cache.dir)")
     parser.add_argument("--split-from", type=Path, help="take the validation split from this checkpoint")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="g, SAM's decoder and h")
+    parser.add_argument("--prompt-baselines", action="store_true",
+                        help="also SAM prompted with a box or an interior point per connected component of the "
+                             "ground truth, the ground-truth mask, and AutoSAM's output as the mask prompt")
     parser.add_argument("--eval-only", action="store_true",
                         help="score the maps an earlier run of this command left in --out (no model run)")
     args = parser.parse_args()
+    methods = METHODS + (list(PROMPT_BASELINES) if args.prompt_baselines else [])
 
     meta = read_checkpoint(args.split_from or args.checkpoint)["meta"]
     positives, crops = validation_samples(meta, args.data)
     if args.eval_only and not (args.out / "polyp_free.json").is_file():
         raise SystemExit(f"validate_model: --eval-only needs the maps of an earlier run in {args.out}")
     if not args.eval_only:
-        write_maps(args, positives, crops)
-    report(args, positives)
+        write_maps(args, positives, crops, methods)
+    report(args, positives, methods)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,16 @@ def save_random_checkpoint(path: Path, sam_backend: str = "litemedsam", seed: in
     return save_checkpoint(path, meta, light.prompt_generator, light.surrogate)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a small shared
+    CPU, two threads make these small models many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_autosam() -> AutoSAM:
     return make_tiny_autosam()

@@ -32,7 +32,8 @@ from vps.video import Clip, FrameSource, Prefetcher, open_clip
 
 def load_model(checkpoint: Optional[str | Path] = None, model: str = "autosam", sam_backend: Optional[str] = None,
                sam_checkpoint: Optional[str | Path] = None) -> nn.Module:
-    """AutoSAM (``model="autosam"``) or the light model (``"light"``) from a g/h checkpoint.
+    """AutoSAM (``model="autosam"``) or the light model (``"light"``) from a g/h checkpoint, or the frozen SAM with
+    a prompt-free head (``"head"``) from a head checkpoint.
 
     ``checkpoint`` None: the built-in model in ``vps/weights``. ``sam_backend`` (litemedsam,
     vit_b/l/h) defaults to the checkpoint's; ``sam_checkpoint`` holds SAM ViT weights.
@@ -107,8 +108,10 @@ class Segmenter:
 
     Arguments:
       checkpoint: a g/h checkpoint written by ``vps-train`` (None: the built-in model).
-      model: ``"autosam"`` (g + frozen SAM, the default) or ``"light"`` (g + surrogate decoder h, no
-        SAM, about 25x faster on a CPU); or an already built module (AutoSAM, LightModel, or any
+      model: ``"autosam"`` (g + frozen SAM, the default), ``"light"`` (g + surrogate decoder h, no
+        SAM, about 25x faster on a CPU) or ``"head"`` (frozen SAM + a prompt-free head from a head checkpoint;
+        with K > 1 named classes, ``class_names``, every map gets a class axis: (N, K, H, W), (K, H, W));
+        or an already built module (AutoSAM, LightModel, or any
         module mapping B x 3 x H x W floats in [0, 1] to B x 1 x H x W logits), which is then put in
         eval mode, moved to the device and optimised in place (Conv+BN folded, channels-last).
       device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N`` or a ``torch.device``.
@@ -117,6 +120,8 @@ class Segmenter:
       batch_size: frames per model call (None: 32 on CUDA; on a CPU 1 for AutoSAM, 4 for the light model).
       sam_backend, sam_checkpoint: SAM backend (default: the checkpoint's) and SAM ViT weights
         (LiteMedSAM's come installed).
+      tile: stills (lists of frames of any sizes) larger than this side in pixels are segmented in
+        overlapping tiles, blended (vps/tiling.py); None: each still whole at the model's input.
 
     Any frame size works: frames are resized to the model's input on the device and the
     probabilities upsampled back to the frame's size. Raises ValueError (CheckpointError for a
@@ -125,7 +130,8 @@ class Segmenter:
 
     def __init__(self, checkpoint: Optional[str | Path] = None, model: str | nn.Module = "autosam",
                  device: str | torch.device = "auto", precision: str = "auto", batch_size: Optional[int] = None,
-                 sam_backend: Optional[str] = None, sam_checkpoint: Optional[str | Path] = None) -> None:
+                 sam_backend: Optional[str] = None, sam_checkpoint: Optional[str | Path] = None,
+                 tile: Optional[int] = None) -> None:
         self.device = resolve_device(str(device))
         self.precision = resolve_precision(precision, self.device)
         autocast_dtype(self.precision, self.device)  # an unknown or impossible precision fails before loading
@@ -133,12 +139,13 @@ class Segmenter:
         if isinstance(model, nn.Module):
             if checkpoint is not None or sam_backend is not None or sam_checkpoint is not None:
                 raise ValueError("a built model is used as is: give checkpoint, sam_backend and sam_checkpoint "
-                                 "only with model='autosam' or 'light'")
+                                 "only with model='autosam', 'light' or 'head'")
             network = model
         else:
             network = load_model(checkpoint, model, sam_backend, sam_checkpoint)
-        self.engine = SegmentationEngine(network, self.device, self.precision)
+        self.engine = SegmentationEngine(network, self.device, self.precision, tile=tile)
         self.model = self.engine.model
+        self.class_names: Tuple[str, ...] = tuple(getattr(self.model, "class_names", ()))
         self.batch_size = batch_size or default_batch_size(self.model, self.device)
 
     def __repr__(self) -> str:
@@ -162,9 +169,8 @@ class Segmenter:
                 maps.extend(self._probabilities(images[start:start + batch_size]))
             return maps
         batch, single = as_frame_batch(frames)
-        probabilities = np.empty(tuple(batch.shape[:3]), np.float32)
-        for start in range(0, len(batch), batch_size):
-            probabilities[start:start + batch_size] = self._probabilities(batch[start:start + batch_size])
+        chunks = [self._probabilities(batch[start:start + batch_size]) for start in range(0, len(batch), batch_size)]
+        probabilities = np.concatenate(chunks) if chunks else np.empty(tuple(batch.shape[:3]), np.float32)
         return probabilities[0] if single else probabilities
 
     def segment_video(self, video: str | Path | Clip, smooth: int = 0, batch_size: Optional[int] = None,

@@ -91,6 +91,7 @@ def _choices(module: str, name: str, extra: Tuple[str, ...] = ()) -> Callable[[]
 
 
 _SAM_BACKENDS = _choices("vps.modeling.build_sam", "SAM_BACKENDS")
+_HEAD_TYPES = _choices("vps.modeling.build_head", "HEAD_TYPES")
 _VIEWS = _choices("vps.train.augment", "VIEWS")
 _PRECISIONS = _choices("vps.inference", "PRECISIONS", ("auto",))
 
@@ -116,6 +117,10 @@ KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "scale?": (lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(
         (_as_float(x) or 0) > 0 for x in v)), "null or [min, max] scale factors > 0"),
     "backend": (lambda v: v in _SAM_BACKENDS(), "one of " + "|".join(("litemedsam", "vit_b", "vit_l", "vit_h"))),
+    "head": (lambda v: v in _HEAD_TYPES(), "one of autosam_g|vit|cnn|linear"),
+    "classes?": (lambda v: v is None or (isinstance(v, list) and len(v) > 0 and len(set(map(str, v))) == len(v) and all(
+        isinstance(n, (str, int)) and str(n) not in ("", ".", "..") and "/" not in str(n) for n in v)),
+                 "null or a list of distinct class names (mask folder names)"),
     "views": (lambda v: isinstance(v, list) and len(v) > 0 and all(x in _VIEWS() for x in v),
               "a non-empty list of views (identity, hflip, vflip, rot90, rot180, rot270)"),
     "precision": (lambda v: v in _PRECISIONS(), "one of auto|fp32|bf16|fp16"),
@@ -130,14 +135,18 @@ SCHEMA: Dict[str, Tuple[str, bool]] = {
     "model.sam": ("section", True),
     "model.sam.backend": ("backend", True),
     "model.sam.checkpoint": ("str?", False),
-    "model.prompt_generator": ("section", True),
-    "model.surrogate": ("section?", False),
+    "model.head": ("section?", False),
+    "model.head.type": ("head", True),
     "data": ("section", True),
     "data.root": ("paths", True),
+    "data.classes": ("classes?", False),
     "data.val_clips": ("names?", False),
     "data.val_fraction": ("fraction", False),
     "data.split_seed": ("int", False),
     "data.mask_size": ("int>=1", False),
+    "data.random_crop": ("section?", False),
+    "data.random_crop.size": ("int>=1", True),
+    "data.random_crop.per_image": ("int>=1", True),
     "data.negatives": ("section?", False),
     "data.negatives.train_fraction": ("share", False),
     "data.negatives.val_fraction": ("share", False),
@@ -157,11 +166,40 @@ SCHEMA: Dict[str, Tuple[str, bool]] = {
     "runtime.precision": ("precision", False),
     "runtime.num_workers": ("int>=0", False),
     "runtime.seed": ("int", False),
+}
+# The keys of each kind of model (model.head.type): AutoSAM trains g then h; a prompt-free head is one stage.
+AUTOSAM_G_SCHEMA: Dict[str, Tuple[str, bool]] = {
+    "model.prompt_generator": ("section", True),
+    "model.surrogate": ("section?", False),
     "train_g": ("section", True),
     **{f"train_g.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
     "train_h": ("section", True),
     **{f"train_h.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
 }
+HEAD_SCHEMA: Dict[str, Tuple[str, bool]] = {
+    "train_head": ("section", True),
+    **{f"train_head.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
+}
+
+
+def head_type(config: Dict[str, Any]) -> str:
+    """``model.head.type``: ``autosam_g`` (AutoSAM's g, the default) or a prompt-free head (vit, cnn, linear)."""
+    return _lookup(config, "model.head.type") or "autosam_g"
+
+
+def class_names(config: Dict[str, Any]) -> list:
+    """``data.classes`` as strings ([] for one unnamed class, masks straight in ``masks/``)."""
+    return [str(name) for name in (_lookup(config, "data.classes") or [])]
+
+
+def training_stages(config: Dict[str, Any], requested: str = "all") -> Tuple[str, ...]:
+    """The stages ``vps-train --stage requested`` runs: g and/or h for AutoSAM, ``head`` for a prompt-free head."""
+    if head_type(config) == "autosam_g":
+        return ("g", "h") if requested == "all" else (requested,)
+    if requested not in ("all", "head"):
+        raise ConfigError(f"--stage {requested}: this config trains a prompt-free {head_type(config)} head in one "
+                          "stage; use --stage all")
+    return ("head",)
 
 
 def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -173,7 +211,8 @@ def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError("the config is not a mapping of settings")
     config = copy.deepcopy(config)
-    for dotted, (kind, required) in SCHEMA.items():
+    kind_schema = AUTOSAM_G_SCHEMA if head_type(config) == "autosam_g" else HEAD_SCHEMA
+    for dotted, (kind, required) in {**SCHEMA, **kind_schema}.items():
         *parents, key = dotted.split(".")
         node: Any = config
         for parent in parents:
@@ -191,6 +230,22 @@ def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
             node[key] = float(node[key])
     if isinstance(config.get("cache"), dict) and config["cache"].get("enabled") and "dir" not in config["cache"]:
         raise ConfigError("cache.dir is missing from the config (needed with cache.enabled: true)")
+    classes = class_names(config)
+    if len(classes) > 1 and head_type(config) == "autosam_g":
+        raise ConfigError(f"data.classes names {len(classes)} classes but AutoSAM's g (model.head.type autosam_g) "
+                          "segments one; use a prompt-free head (model.head.type vit, cnn or linear)")
+    if classes and _lookup(config, "data.negatives"):
+        raise ConfigError("data.negatives (polyp-free crops) works with one unnamed class; remove data.classes "
+                          "or data.negatives")
+    if _lookup(config, "data.random_crop") and _lookup(config, "data.negatives"):
+        raise ConfigError("data.random_crop and data.negatives both cut crops; use one of them")
+    if head_type(config) != "autosam_g":
+        from vps.modeling.build_head import head_settings
+
+        try:
+            head_settings(config["model"]["head"])
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     return config
 
 
@@ -198,7 +253,7 @@ def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
 # Resume: a run continues with its own resolved config (<run>/config.yaml), not with the config file given again.
 
 # Overrides that may change on resume; any other override must repeat the saved value.
-RESUME_MAY_CHANGE = ("train_g.epochs", "train_h.epochs", "runtime", "cache.dir")
+RESUME_MAY_CHANGE = ("train_g.epochs", "train_h.epochs", "train_head.epochs", "runtime", "cache.dir")
 
 
 def _lookup(config: Dict[str, Any], dotted: str) -> Any:
@@ -227,6 +282,6 @@ def resume_config(run_dir: str | Path, overrides: Iterable[str]) -> Dict[str, An
             continue
         if _lookup(config, dotted) != _lookup(saved, dotted):
             raise ConfigError(f"--resume: {dotted} cannot change on resume (the run in {run_dir} has "
-                              f"{_lookup(saved, dotted)!r}); only {', '.join(RESUME_MAY_CHANGE[:2])}, runtime.* and "
+                              f"{_lookup(saved, dotted)!r}); only {', '.join(RESUME_MAY_CHANGE[:3])}, runtime.* and "
                               f"cache.dir may; start a new run with another --out")
     return config

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vps.hardware import cpu_has_native_bf16
-from vps.modeling import AutoSAM, LightModel
+from vps.modeling import AutoSAM, LightModel, PromptFreeSam
+from vps.tiling import tiled_logits
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -92,6 +93,8 @@ def model_input_size(model: nn.Module) -> Optional[int]:
     """The square side every part of the model resizes its input to, or None when they differ."""
     if isinstance(model, LightModel):
         return model.prompt_generator.input_size
+    if isinstance(model, PromptFreeSam):
+        return model.sam.image_size
     if isinstance(model, AutoSAM) and model.sam.image_size == model.prompt_generator.input_size:
         return model.sam.image_size
     return None
@@ -158,16 +161,19 @@ class SegmentationEngine:
     """Runs a model on batches of uint8 frames and returns 8-bit probability maps.
 
     Arguments:
-      model: AutoSAM, LightModel, or any module mapping B x 3 x H x W in [0, 1] to B x 1 x H x W logits.
+      model: AutoSAM, LightModel, PromptFreeSam (K classes: maps get a class axis after the batch axis), or any
+        module mapping B x 3 x H x W in [0, 1] to B x 1 x H x W logits.
       device: where the model runs.
       precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 on CUDA only).
       smooth: span of the exponential smoothing across frames (0 or 1: off).
       optimize: fold Conv+BN and use channels-last (see ``optimize_for_inference``); modifies ``model``.
       resize_on_device: resize frames once to the model's input size before the model.
+      tile: stills larger than this side (pixels) are segmented in overlapping tiles (vps/tiling.py); None: whole.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
-                 smooth: int = 0, optimize: bool = True, resize_on_device: bool = True) -> None:
+                 smooth: int = 0, optimize: bool = True, resize_on_device: bool = True,
+                 tile: Optional[int] = None) -> None:
         self.device = torch.device(device)
         self.dtype = autocast_dtype(precision, self.device)
         self.channels_last = optimize
@@ -175,6 +181,7 @@ class SegmentationEngine:
         self.input_size = model_input_size(model) if resize_on_device else None
         self.stills_size = stills_input_size(model)
         self.smoother = ExponentialSmoother(smooth)
+        self.tile = tile
 
     def reset(self) -> None:
         """Forget the smoothing state (call between clips)."""
@@ -190,9 +197,9 @@ class SegmentationEngine:
         return images
 
     def _forward(self, images: torch.Tensor, size: Optional[tuple]) -> torch.Tensor:
-        """B x 3 x h x w images -> B x 1 x h' x w' float32 logits (``size`` when given, else the model's own)."""
+        """B x 3 x h x w images -> B x K x h' x w' float32 logits (``size`` when given, else the model's own)."""
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            if isinstance(self.model, (AutoSAM, LightModel)):
+            if isinstance(self.model, (AutoSAM, LightModel, PromptFreeSam)):
                 logits = self.model.low_res_logits(images) if size is None else self.model(images, output_size=size)
             else:
                 logits = self.model(images)
@@ -200,41 +207,57 @@ class SegmentationEngine:
 
     @torch.inference_mode()
     def logits(self, frames: torch.Tensor) -> torch.Tensor:
-        """B x H x W x 3 uint8 -> B x H x W float32 logits at the frames' size, on the device."""
+        """B x H x W x 3 uint8 -> B x H x W float32 logits at the frames' size (B x K x H x W for K > 1 classes),
+        on the device."""
         size = tuple(frames.shape[1:3])
         logits = self._forward(self.images(frames), size)
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits[:, 0]
+        return logits[:, 0] if logits.shape[1] == 1 else logits
 
     @torch.inference_mode()
     def probabilities(self, frames: torch.Tensor) -> torch.Tensor:
-        """B x H x W x 3 uint8 -> B x H x W float32 probabilities (sigmoid of the logits, not smoothed), on the device."""
+        """B x H x W x 3 uint8 -> B x H x W float32 probabilities (B x K x H x W for K > 1 classes; sigmoid of the
+        logits, not smoothed), on the device."""
         return torch.sigmoid(self.logits(frames))
 
     @torch.inference_mode()
     def still_probabilities(self, frames: List[torch.Tensor]) -> List[torch.Tensor]:
-        """H x W x 3 uint8 images of any sizes -> one H x W float32 probability map each, on the device.
+        """H x W x 3 uint8 images of any sizes -> one H x W float32 probability map each (K x H x W for K > 1
+        classes), on the device.
 
         Every image is resized to the model's fixed input on the device, so images of different
-        sizes share one batch; each map is upsampled back to its own image's size. No smoothing:
-        stills are independent images.
+        sizes share one batch; each map is upsampled back to its own image's size. With ``tile``, each
+        image is segmented in overlapping tiles instead (``tiled_still``). No smoothing: stills are
+        independent images.
         """
         if self.stills_size is None:
-            raise ValueError("stills need a model with a fixed input size (AutoSAM or the light model)")
+            raise ValueError("stills need a model with a fixed input size (AutoSAM, the light model or a head)")
+        if self.tile is not None:
+            return [self.tiled_still(frame) for frame in frames]
         images = torch.cat([resize_images(self.images(frame[None]), self.stills_size) for frame in frames])
         logits = self._forward(images, None)
         maps = []
         for logit, frame in zip(logits, frames):
             size = tuple(frame.shape[:2])
-            logit = F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False)[0, 0]
-            maps.append(torch.sigmoid(logit))
+            logit = F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False)[0]
+            maps.append(torch.sigmoid(logit[0] if len(logit) == 1 else logit))
         return maps
 
     @torch.inference_mode()
+    def tiled_still(self, frame: torch.Tensor) -> torch.Tensor:
+        """H x W x 3 uint8 -> H x W float32 probability map (K x H x W for K > 1 classes) on the device, segmented
+        in overlapping ``tile`` x ``tile`` windows at full resolution, each resized to the model's input
+        (vps/tiling.py)."""
+        image = frame.to(self.device).permute(2, 0, 1).float().div_(255)
+        logits = tiled_logits(lambda windows: self._forward(resize_images(windows, self.stills_size), None),
+                              image, self.tile)[0]
+        return torch.sigmoid(logits[0] if len(logits) == 1 else logits)
+
+    @torch.inference_mode()
     def stills(self, frames: List[torch.Tensor]) -> List[torch.Tensor]:
-        """H x W x 3 uint8 images of any sizes -> one H x W uint8 probability map each, on the CPU
-        (``still_probabilities`` as 8-bit maps)."""
+        """H x W x 3 uint8 images of any sizes -> one H x W uint8 probability map each (K x H x W for K > 1
+        classes), on the CPU (``still_probabilities`` as 8-bit maps)."""
         return [probabilities_to_uint8(p).cpu() for p in self.still_probabilities(frames)]
 
     @torch.inference_mode()

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folders of independent images of any size: one probability map per image, "
                           "at the image's size, in --png-dir (no mask video)")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=("autosam", "light"), default="autosam",
-                       help="autosam: g + frozen SAM (default); light: g + surrogate decoder h, no SAM")
+    model.add_argument("--model", choices=("autosam", "light", "head"), default="autosam",
+                       help="autosam: g + frozen SAM (default); light: g + surrogate decoder h, no SAM; head: "
+                            "frozen SAM + a prompt-free head (vit, cnn, linear) from --checkpoint")
     model.add_argument("--checkpoint", type=Path, help="g/h checkpoint (default: the built-in model)")
     model.add_argument("--sam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"),
                        help="SAM backend (default: the checkpoint's)")
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=None,
                      help="frames per model call (default: 32 on CUDA; on CPU 1 for autosam, 4 for light)")
     run.add_argument("--threshold", type=float, default=0.5, help="sigmoid threshold of binary masks (0.5)")
+    run.add_argument("--tile", type=int, default=None, metavar="SIZE",
+                     help="with --stills: segment images larger than SIZE pixels in overlapping SIZE x SIZE tiles, "
+                          "blended (objects keep their scale instead of shrinking to the model's input)")
     run.add_argument("--smooth", type=int, default=0, metavar="N",
                      help="exponential moving average of the probabilities over ~N frames (off)")
     run.add_argument("--decoder", choices=("av", "decord"), default="av",
@@ -94,8 +98,17 @@ class Outputs:
     mask: Optional[Path] = None
     overlay: Optional[Path] = None
     png_root: Optional[Path] = None
+    classes: Tuple[str, ...] = ()  # a model with named classes: one set of outputs per class (for_class)
+
+    def for_class(self, name: str) -> "Outputs":
+        """Class ``name``'s outputs: videos ``<stem>_<name><suffix>``, PNG maps under ``<png_root>/<name>/``."""
+        def video(path: Optional[Path]) -> Optional[Path]:
+            return path.with_name(f"{path.stem}_{name}{path.suffix}") if path else None
+        return Outputs(video(self.mask), video(self.overlay), self.png_root / name if self.png_root else None)
 
     def describe(self, case: str) -> List[str]:
+        if self.classes:
+            return [part for name in self.classes for part in self.for_class(name).describe(case)]
         parts = []
         if self.mask:
             parts.append(f"masks {self.mask}")
@@ -107,6 +120,8 @@ class Outputs:
 
     def targets(self, case: str) -> List[Tuple[str, Path, bool]]:
         """(what, path, is a folder) of every output of clip ``case``."""
+        if self.classes:
+            return [target for name in self.classes for target in self.for_class(name).targets(case)]
         targets = []
         if self.mask:
             targets.append(("the mask video", self.mask, False))
@@ -117,8 +132,8 @@ class Outputs:
         return targets
 
 
-def plan_outputs(args: argparse.Namespace, clips: list) -> List[Outputs]:
-    """The output paths of each clip, from --out/--out-dir/--png-dir/--overlay.
+def plan_outputs(args: argparse.Namespace, clips: list, classes: Tuple[str, ...] = ()) -> List[Outputs]:
+    """The output paths of each clip, from --out/--out-dir/--png-dir/--overlay (per class for named ``classes``).
 
     Refuses, before any work, two outputs on one path and outputs that are or would write into inputs.
     """
@@ -133,7 +148,7 @@ def plan_outputs(args: argparse.Namespace, clips: list) -> List[Outputs]:
                          "use --out-dir with --overlay")
     plans = []
     for clip in clips:
-        plan = Outputs(png_root=args.png_dir)
+        plan = Outputs(png_root=args.png_dir, classes=classes)
         if args.out_dir:
             plan.mask = args.out_dir / f"{clip.case}_mask.mp4"
         elif args.out:
@@ -212,11 +227,8 @@ def check_outputs(plans: List[Outputs], clips: list, overwrite: bool) -> None:
     from vps.video import check_output
 
     for plan, clip in zip(plans, clips):
-        for path in (plan.mask, plan.overlay):
-            if path is not None:
-                check_output(path, overwrite)
-        if plan.png_root is not None:
-            check_output(plan.png_root / clip.case, overwrite)
+        for _, path, _ in plan.targets(clip.case):
+            check_output(path, overwrite)
 
 
 class OutputSink:
@@ -303,7 +315,53 @@ class OutputSink:
                 writer.abort()
 
 
+class ClassSinks:
+    """One OutputSink per class of a model with named classes; ``write`` hands each its class's maps (maps with a
+    class axis after the batch axis: B x K x H x W, or a list of K x H x W maps for stills)."""
+
+    def __init__(self, sinks: List[OutputSink]) -> None:
+        self.sinks = sinks
+
+    def write(self, names: List[str], frames, maps, pts: Optional[List[Optional[int]]] = None) -> None:
+        for k, sink in enumerate(self.sinks):
+            if len(self.sinks) == 1:
+                sink.write(names, frames, maps, pts)
+            else:
+                sink.write(names, frames, [m[k] for m in maps] if isinstance(maps, list) else maps[:, k], pts)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+    def abort(self) -> None:
+        for sink in self.sinks:
+            sink.abort()
+
+
+def open_sink(plan: Outputs, case: str, info, threshold8: int, overwrite: bool):
+    """An OutputSink, or with named classes one per class (ClassSinks)."""
+    if not plan.classes:
+        return OutputSink(plan, case, info, threshold8, overwrite)
+    sinks: List[OutputSink] = []
+    try:
+        for name in plan.classes:
+            sinks.append(OutputSink(plan.for_class(name), case, info, threshold8, overwrite))
+    except BaseException:
+        ClassSinks(sinks).abort()
+        raise
+    return ClassSinks(sinks)
+
+
 # ---- running -----------------------------------------------------------------------------------
+
+
+def output_classes(args: argparse.Namespace) -> Tuple[str, ...]:
+    """The class names of a head checkpoint trained with ``data.classes`` (outputs per class), else ()."""
+    from vps.modeling import read_checkpoint
+
+    if args.model != "head" or args.checkpoint is None:
+        return ()
+    return tuple(read_checkpoint(args.checkpoint)["meta"].get("classes") or ())
 
 
 @dataclass
@@ -325,7 +383,7 @@ def segment_clip(clip, plan: Outputs, segmenter, args: argparse.Namespace, total
     from vps.video import open_source
 
     source = open_source(clip, args.decoder, folder_fps(args))
-    sink = OutputSink(plan, clip.case, source.info, threshold_uint8(args.threshold), args.overwrite)
+    sink = open_sink(plan, clip.case, source.info, threshold_uint8(args.threshold), args.overwrite)
     progress = Progress(clip.case, source.info.num_frames, "image" if clip.kind == "stills" else "frame", args.quiet,
                         prefix, progress_position)
     try:
@@ -360,6 +418,10 @@ def check_options(args: argparse.Namespace) -> None:
             raise UsageError("--stills needs --png-dir (one probability map per image)")
         if args.smooth > 1:
             raise UsageError("--smooth works across the frames of a video; stills are independent images")
+    if args.tile is not None and not args.stills:
+        raise UsageError("--tile works with --stills (images of any size), not with videos or frame folders")
+    if args.tile is not None and args.tile < 16:
+        raise UsageError(f"--tile must be at least 16 pixels, got {args.tile}")
 
 
 def as_stills(clips: list) -> list:
@@ -389,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
     clips = [clip for path in args.inputs for clip in find_clips(path)]
     if args.stills:
         clips = as_stills(clips)
-    plans = plan_outputs(args, clips)
+    plans = plan_outputs(args, clips, output_classes(args))
     mine = shard(list(zip(clips, plans)), rank, world)
     prefix = f"{PROG} [rank {rank}/{world}]" if world > 1 else PROG
     if not mine:
@@ -399,7 +461,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     segmenter = Segmenter(checkpoint=args.checkpoint, model=args.model, device=device, precision=args.precision,
-                          batch_size=args.batch_size, sam_backend=args.sam, sam_checkpoint=args.sam_checkpoint)
+                          batch_size=args.batch_size, sam_backend=args.sam, sam_checkpoint=args.sam_checkpoint,
+                          tile=args.tile)
     totals = Totals()
     start = time.perf_counter()
     for clip, plan in mine:

@@ -36,7 +36,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings that replace the config's")
     parser.add_argument("--out", default=None, help="output folder (default runs/<config name>, in this folder)")
     parser.add_argument("--stage", choices=["g", "h", "all"], default="all",
-                        help="g: prompt generator with frozen SAM; h: surrogate decoder on the trained g; all: both")
+                        help="g: prompt generator with frozen SAM; h: surrogate decoder on the trained g; all: both "
+                             "(a config with a prompt-free model.head trains it in one stage: all)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last finished epoch, with its saved config.yaml")
     args = parser.parse_intermixed_args(argv)  # overrides may also follow the options
@@ -80,7 +81,7 @@ def prepare_resume(out: Path, config: Dict[str, Any], stages: Sequence[str], is_
     """
     from vps.config import ConfigError
 
-    done = {stage: _finished_epochs(out, stage) for stage in ("g", "h")}
+    done = {stage: _finished_epochs(out, stage) for stage in ("g", "h", "head")}
     for stage in stages:
         epochs = config[f"train_{stage}"]["epochs"]
         if done[stage] > epochs:
@@ -99,9 +100,10 @@ def prepare_resume(out: Path, config: Dict[str, Any], stages: Sequence[str], is_
 
 def training_samples(config: Dict[str, Any]) -> list:
     """The samples of ``data.root`` (one folder or a list of folders)."""
+    from vps.config import class_names
     from vps.train.data import as_root_list, discover_samples
 
-    return [s for root in as_root_list(config["data"]["root"]) for s in discover_samples(root)]
+    return [s for root in as_root_list(config["data"]["root"]) for s in discover_samples(root, class_names(config))]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -109,11 +111,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         import vps  # noqa: F401  (torchvision compatibility before timm loads)
-        from vps.config import ConfigError, apply_overrides, load_config, resume_config, validate_config
+        from vps.config import (ConfigError, apply_overrides, load_config, resume_config, training_stages,
+                                validate_config)
         from vps.train.verify import verify_decodable
 
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-        stages = ("g", "h") if args.stage == "all" else (args.stage,)
         if args.resume:  # the run's own config; only epochs, runtime.* and cache.dir may change
             config = resume_config(out, args.overrides)
             if is_main:
@@ -123,8 +125,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ConfigError(f"the default config {DEFAULT_CONFIG} is missing (vps is installed without the "
                                   "repository's configs/ folder); pass a config file")
             config = validate_config(apply_overrides(load_config(args.config), args.overrides))
-            if (out / "g_last.pt").exists() and "g" in stages:
-                raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        stages = training_stages(config, args.stage)
+        if not args.resume and any(s in stages and (out / f"{s}_last.pt").exists() for s in ("g", "head")):
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if args.resume:
             prepare_resume(out, config, stages, is_main)
         verify_decodable(training_samples(config))

@@ -14,7 +14,7 @@ from vps.modeling.surrogate import SurrogateDecoder
 
 
 def upsample_logits(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """B x 1 x h x w -> B x 1 x size, bilinear."""
+    """B x K x h x w -> B x K x size, bilinear."""
     if logits.shape[-2:] == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)

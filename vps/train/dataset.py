@@ -29,8 +29,10 @@ def to_square_uint8(image: np.ndarray, size: int) -> torch.Tensor:
 
 
 def to_square_mask(mask: np.ndarray, size: int) -> torch.Tensor:
-    """H x W bool -> 1 x size x size float in {0, 1} (area average, then > 0.5)."""
-    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    """H x W (or K x H x W, one mask per class) bool -> 1 x size x size (K x size x size) float in {0, 1}
+    (area average, then > 0.5)."""
+    tensor = torch.from_numpy(mask.astype(np.float32))
+    tensor = tensor.reshape(-1, *tensor.shape[-2:])[None]
     return (F.interpolate(tensor, size=(size, size), mode="area") > 0.5).float()[0]
 
 
@@ -38,8 +40,8 @@ class SegmentationDataset(Dataset):
     """Image/mask pairs resized to squares, with augmentation and optional cached SAM embeddings.
 
     Items: ``image`` 3 x S x S in [0, 1] (what g sees; SAM sees it too when there is no cache),
-    ``mask`` 1 x M x M in {0, 1}, ``source`` the index of the sample's source in ``sources``, and with a
-    cache ``embedding`` 256 x 64 x 64 float16.
+    ``mask`` K x M x M in {0, 1} (K = 1 unless there is one mask per class), ``source`` the index of the
+    sample's source in ``sources``, and with a cache ``embedding`` 256 x 64 x 64 float16.
     """
 
     def __init__(
@@ -67,7 +69,7 @@ class SegmentationDataset(Dataset):
         return len(self.samples)
 
     def load(self, index: int):
-        """(key, image 3 x S x S float in [0, 1], mask 1 x M x M); decoded once per worker and kept as uint8."""
+        """(key, image 3 x S x S float in [0, 1], mask K x M x M); decoded once per worker and kept as uint8."""
         if index not in self._decoded:
             image, mask = read_pair(self.samples[index])
             self._decoded[index] = (EmbeddingCache.image_key(image), to_square_uint8(image, self.image_size),

@@ -1,4 +1,5 @@
-"""Training AutoSAM's prompt generator g (stage 1) and the surrogate decoder h (stage 2)."""
+"""Training AutoSAM's prompt generator g (stage 1) and the surrogate decoder h (stage 2), or a prompt-free head
+on the frozen SAM embedding (one stage, ``head``)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from vps.config import save_config
+from vps.config import class_names, save_config
 from vps.inference import autocast_dtype, resolve_device, resolve_precision
 from vps.modeling import build_prompt_generator, build_sam, build_surrogate, checkpoint_metadata, save_checkpoint
 from vps.modeling.build import read_checkpoint
+from vps.modeling.build_head import build_head, head_settings
 from vps.progress import Progress
 from vps.train.augment import build_geometric, build_photometric
 from vps.train.cache import EmbeddingCache, sam_cache_id
+from vps.train.crops import random_crops
 from vps.train.data import as_root_list, split_sources
 from vps.train.dataset import SegmentationDataset, fill_cache
 from vps.train.negatives import polyp_free_crops
@@ -36,22 +39,24 @@ PLOT_INTERVAL_SECONDS = 30.0
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Unweighted BCE on logits + soft Dice on probabilities; logits and target B x 1 x H x W."""
+    """Unweighted BCE on logits + soft Dice on probabilities; logits and target B x K x H x W (K classes, each
+    its own sigmoid; the Dice is computed per image and class, then averaged)."""
     logits = logits.float()
     bce = F.binary_cross_entropy_with_logits(logits, target)
-    probabilities = torch.sigmoid(logits).flatten(1)
-    target = target.flatten(1)
-    dice = (2 * (probabilities * target).sum(1) + eps) / (probabilities.sum(1) + target.sum(1) + eps)
+    probabilities = torch.sigmoid(logits).flatten(2)
+    target = target.flatten(2)
+    dice = (2 * (probabilities * target).sum(-1) + eps) / (probabilities.sum(-1) + target.sum(-1) + eps)
     return bce + (1 - dice).mean()
 
 
 def binary_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image Dice of (sigmoid > 0.5) against the target: B values; two empty masks score 1."""
-    prediction = (logits.float() > 0).flatten(1).float()
-    target = target.flatten(1)
-    overlap = (prediction * target).sum(1)
-    total = prediction.sum(1) + target.sum(1)
-    return torch.where(total > 0, 2 * overlap / total.clamp_min(1e-9), torch.ones_like(total))
+    """Per-image Dice of (sigmoid > 0.5) against the target, averaged over the K class channels: B values; two
+    empty masks score 1."""
+    prediction = (logits.float() > 0).flatten(2).float()
+    target = target.flatten(2)
+    overlap = (prediction * target).sum(-1)
+    total = prediction.sum(-1) + target.sum(-1)
+    return torch.where(total > 0, 2 * overlap / total.clamp_min(1e-9), torch.ones_like(total)).mean(1)
 
 
 @dataclass
@@ -292,8 +297,33 @@ def evaluate(trainable: nn.Module, forward, loader: DataLoader, runtime: Runtime
     return sum(losses) / len(dices), float(np.mean(list(by_source.values()))), by_source
 
 
+def _cached_datasets(config: Dict[str, Any], train_samples, val_samples, sam, sam_backend: str, sam_checkpoint,
+                     photometric, geometric, runtime: Runtime):
+    """(training set, validation set or None) whose items carry SAM's embedding when ``cache.enabled``; the missing
+    embeddings are computed first (sharded between distributed processes). Shared by every stage that runs SAM."""
+    cache_config = config.get("cache", {})
+    image_size, mask_size = sam.image_size, int(config["data"].get("mask_size", 256))
+    cache, views = None, ["identity"]
+    if cache_config.get("enabled", False):
+        cache = EmbeddingCache(Path(cache_config["dir"]).expanduser(), sam_cache_id(sam_backend, sam_checkpoint))
+        views = list(cache_config.get("views", ["identity"]))
+    train_set = SegmentationDataset(train_samples, image_size, mask_size, cache, views, photometric,
+                                    None if cache else geometric)
+    val_set = SegmentationDataset(val_samples, image_size, mask_size, cache) if val_samples else None
+    if cache is not None:
+        with runtime.autocast():
+            fill_cache(train_set, sam, views, runtime.device, shard=(runtime.rank, runtime.world_size),
+                       progress=runtime.is_main)
+            if val_set is not None:
+                fill_cache(val_set, sam, ["identity"], runtime.device, shard=(runtime.rank, runtime.world_size),
+                           progress=runtime.is_main)
+        runtime.barrier()
+    return train_set, val_set
+
+
 def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume: bool = False) -> Path:
-    """Run the configured stages; returns the path of the trained model (``<out_dir>/model.pt``)."""
+    """Run the configured stages (``vps.config.training_stages``: g and h for AutoSAM, ``head`` for a prompt-free
+    head); returns the path of the trained model (``<out_dir>/model.pt``)."""
     out_dir = Path(out_dir)
     runtime = setup_runtime(config.get("runtime", {}))
     seed_everything(int(config.get("runtime", {}).get("seed", 0)) + runtime.rank)
@@ -302,9 +332,14 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         save_config(config, out_dir / "config.yaml")
     data_config, model_config = config["data"], config["model"]
     split_seed = int(data_config.get("split_seed", 0))
+    classes = class_names(config)
     train_samples, val_samples = split_sources(data_config["root"], data_config.get("val_clips"),
-                                               float(data_config.get("val_fraction", 0.2)), split_seed)
+                                               float(data_config.get("val_fraction", 0.2)), split_seed, classes)
     val_groups = sorted({s.group for s in val_samples})
+    crop = data_config.get("random_crop") or {}
+    if crop:
+        train_samples, val_samples = (random_crops(part, int(crop["size"]), int(crop["per_image"]), split_seed)
+                                      for part in (train_samples, val_samples))
     negatives = data_config.get("negatives") or {}
     if negatives:
         min_side = float(negatives.get("min_side", 0.3))
@@ -316,8 +351,8 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
             counts = {}
             for sample in part_samples:
                 counts[sample.source] = counts.get(sample.source, 0) + 1
-            print(f"{part}: {len(part_samples)} images ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})",
-                  flush=True)
+            print(f"{part}: {len(part_samples)} {'crops' if crop else 'images'} "
+                  f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})", flush=True)
         shown = val_groups if len(val_groups) <= 12 else val_groups[:12] + [f"... ({len(val_groups)} in all)"]
         print(f"validation clips: {', '.join(shown) if shown else 'none'}", flush=True)
 
@@ -329,44 +364,47 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
     seed = int(config.get("runtime", {}).get("seed", 0))
     augment = config.get("augment", {})
     photometric, geometric = build_photometric(augment), build_geometric(augment)
-    generator_config = model_config["prompt_generator"]
     model_path = out_dir / MODEL_FILE
+    provenance = dict(trained_on=[str(r) for r in as_root_list(data_config["root"])], val_clips=val_groups,
+                      split_seed=split_seed, negatives=negatives or None, random_crop=crop or None)
+
+    def loaders(settings: Dict[str, Any], train_set, val_set):
+        return (_loader(train_set, int(settings["batch_size"]), runtime, True, workers, seed),
+                _loader(val_set, int(settings["batch_size"]), runtime, False, workers, seed) if val_set else None)
+
+    def embeddings_of(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """SAM's embeddings of the batch: from the cache (stored float16: straight to the compute dtype, one copy)
+        or computed here."""
+        if "embedding" in batch:
+            dtype = autocast_dtype(runtime.precision, runtime.device) or torch.float32
+            return batch["embedding"].to(runtime.device, dtype, non_blocking=True)
+        return sam.encode(batch["image"].to(runtime.device, non_blocking=True))
+
+    if "head" in stages:
+        settings_head = head_settings(model_config["head"])
+        train_set, val_set = _cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
+                                              photometric, geometric, runtime)
+        head = build_head(settings_head, sam, num_classes=max(1, len(classes))).to(runtime.device)
+        metadata = checkpoint_metadata(None, sam_backend, head=settings_head, classes=classes or None, **provenance)
+        settings = config["train_head"]
+        run_stage("head", head, lambda module, batch: module(embeddings_of(batch)),
+                  *loaders(settings, train_set, val_set), settings, runtime, out_dir,
+                  lambda: save_checkpoint(model_path, metadata, None, head=head), resume)
+        runtime.barrier()
 
     if "g" in stages:
-        cache_config = config.get("cache", {})
-        cache = None
-        views = ["identity"]
-        if cache_config.get("enabled", False):
-            cache = EmbeddingCache(Path(cache_config["dir"]).expanduser(), sam_cache_id(sam_backend, sam_checkpoint))
-            views = list(cache_config.get("views", ["identity"]))
-        train_set = SegmentationDataset(train_samples, image_size, mask_size, cache, views, photometric,
-                                        None if cache else geometric)
-        val_set = SegmentationDataset(val_samples, image_size, mask_size, cache) if val_samples else None
-        if cache is not None:
-            with runtime.autocast():
-                fill_cache(train_set, sam, views, runtime.device, shard=(runtime.rank, runtime.world_size),
-                           progress=runtime.is_main)
-                if val_set is not None:
-                    fill_cache(val_set, sam, ["identity"], runtime.device, shard=(runtime.rank, runtime.world_size),
-                               progress=runtime.is_main)
-            runtime.barrier()
+        generator_config = model_config["prompt_generator"]
+        train_set, val_set = _cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
+                                              photometric, geometric, runtime)
         generator = build_prompt_generator(generator_config, embedding_size=sam.embedding_shape[-1]).to(runtime.device)
-        metadata = checkpoint_metadata(generator_config, sam_backend, None, trained_on=[str(r) for r in as_root_list(data_config["root"])],
-                                       val_clips=val_groups, split_seed=split_seed, negatives=negatives or None)
+        metadata = checkpoint_metadata(generator_config, sam_backend, None, **provenance)
 
         def forward_g(g: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
             images = batch["image"].to(runtime.device, non_blocking=True)
-            if "embedding" in batch:  # stored float16: straight to the compute dtype, one copy
-                dtype = autocast_dtype(runtime.precision, runtime.device) or torch.float32
-                embeddings = batch["embedding"].to(runtime.device, dtype, non_blocking=True)
-            else:
-                embeddings = sam.encode(images)
-            return sam.decode(embeddings, g(images))
+            return sam.decode(embeddings_of(batch), g(images))
 
         settings = config["train_g"]
-        run_stage("g", generator, forward_g,
-                  _loader(train_set, int(settings["batch_size"]), runtime, True, workers, seed),
-                  _loader(val_set, int(settings["batch_size"]), runtime, False, workers, seed) if val_set else None,
+        run_stage("g", generator, forward_g, *loaders(settings, train_set, val_set),
                   settings, runtime, out_dir, lambda: save_checkpoint(model_path, metadata, generator), resume)
         runtime.barrier()
 
@@ -388,9 +426,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
             return h(prompt)
 
         settings = config["train_h"]
-        run_stage("h", surrogate, forward_h,
-                  _loader(train_set, int(settings["batch_size"]), runtime, True, workers, seed),
-                  _loader(val_set, int(settings["batch_size"]), runtime, False, workers, seed) if val_set else None,
+        run_stage("h", surrogate, forward_h, *loaders(settings, train_set, val_set),
                   settings, runtime, out_dir, lambda: save_checkpoint(model_path, metadata, generator, surrogate),
                   resume)
     return model_path

@@ -29,14 +29,16 @@ def decode_problem(path: str | Path) -> Optional[str]:
 
 
 def verify_decodable(samples: Iterable, workers: Optional[int] = None) -> None:
-    """Fully decode the image and mask of every sample (objects with ``.image`` and an optional ``.mask``).
+    """Fully decode the image and mask of every sample (objects with ``.image`` and an optional ``.mask``: one
+    path or a tuple of paths, one per class).
 
     Raises DataError naming the first few files that cannot be decoded and how many there are in all.
     """
     paths: List[Path] = []
     seen = set()
     for sample in samples:
-        for path in (getattr(sample, "image", None), getattr(sample, "mask", None)):
+        masks = getattr(sample, "mask", None)
+        for path in (getattr(sample, "image", None), *(masks if isinstance(masks, tuple) else (masks,))):
             if path is not None and path not in seen:
                 seen.add(path)
                 paths.append(path)
