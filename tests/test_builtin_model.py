@@ -20,17 +20,16 @@ SHARED_CLIPS = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 needs_shared_clips = [pytest.mark.shared_data,
                       pytest.mark.skipif(not SHARED_CLIPS.is_dir(), reason="needs ../shared/data/cvc-clinicdb-video")]
 
-# bf16 vs fp32 probability maps of the built-in model, measured with vps.Segmenter on 2 cores of an
-# "Intel(R) Xeon(R) Processor" (AVX512-BF16, AMX), torch 2.13 CPU, on 30 frames of the 5 CVC validation
-# clips (6 per clip) and the 8 frames of vps.synthetic.polyp_clip():
-#   mean |p_bf16 - p_fp32| per frame: AutoSAM at most 0.0052 (mean 0.0011), light model at most 0.017
-#     (mean 0.0041); synthetic at most 0.0008 and 0.0019;
-#   Dice between the masks at 0.5: AutoSAM at least 0.978 (mean 0.995), light at least 0.81 (mean 0.98)
-#     where the mask covers >= 1 % of the frame (smaller masks: 0.59-0.71, a few pixels flip); synthetic
-#     at least 0.994 and 0.995.
-# The limits leave about 2x margin on the mean difference; the Dice limit of the light model sits
-# between its worst real frame and the frames tested here (0.99 and more).
-BF16_LIMITS = {"autosam": {"mean_abs": 0.01, "dice": 0.97}, "light": {"mean_abs": 0.03, "dice": 0.9}}
+# bf16 vs fp32 probability maps of the built-in model (trained 2026-11-26 on a GPU), measured with
+# vps.Segmenter on 2 cores of an "Intel(R) Xeon(R) Processor" (AVX512-BF16, AMX), torch 2.13 CPU:
+#   10 frames of the 5 CVC validation clips: mean |p_bf16 - p_fp32| at most 0.0098 for AutoSAM and 0.011
+#     for the light model; Dice between the masks at 0.5 at least 0.964 and 0.961;
+#   the drawn polyp of vps.synthetic.polyp_frame(): 0.013 and 0.0035, Dice 0.859 and 0.922. On that
+#     drawing the model is unsure (Dice 0.75 to the truth): its probabilities sit near 0.5 along much of
+#     the edge, so bf16 rounding moves more pixels across the threshold than on real frames.
+# The limits hold the measured worst cases with a small margin, per kind of frame.
+BF16_LIMITS = {"autosam": {"mean_abs": 0.012, "dice": 0.95}, "light": {"mean_abs": 0.015, "dice": 0.95}}
+SYNTHETIC_BF16_LIMITS = {"autosam": {"mean_abs": 0.02, "dice": 0.82}, "light": {"mean_abs": 0.01, "dice": 0.9}}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -84,6 +83,6 @@ def test_bf16_and_fp32_give_the_same_masks(builtin_models, model, example):
             for precision in ("fp32", "bf16")}
     masks = {precision: probabilities >= 0.5 for precision, probabilities in maps.items()}
     assert dice(masks["fp32"], truth) > 0.6  # a real segmentation, so that agreement means something
-    limits = BF16_LIMITS[model]
+    limits = (SYNTHETIC_BF16_LIMITS if example == "synthetic" else BF16_LIMITS)[model]
     assert np.abs(maps["bf16"] - maps["fp32"]).mean() <= limits["mean_abs"]
     assert dice(masks["bf16"], masks["fp32"]) >= limits["dice"]

@@ -1,7 +1,7 @@
 """Synthetic colonoscopy-like frames with a known polyp mask: for examples, the demo and tests.
 
 The polyp is a shaded dome with a dark rim and specular highlights on textured pink mucosa, with a
-dark lumen and the endoscope's black corners. The built-in model segments it (Dice about 0.95
+dark lumen and the endoscope's black corners. The built-in model segments it (Dice about 0.75
 against the drawn mask), so results on these frames are not trivially empty, and nothing needs
 real data.
 """
