@@ -15,14 +15,14 @@ import os
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from eval.metrics import PAPER_COLUMNS, SUMMARY_KEYS
 from eval.protocol import (
+    FRAMES_PER_PROCESS,
     PROTOCOLS,
     ClipScores,
     WorkerDiedError,
     dataset_curves,
+    idle_cores,
     per_clip_table,
     score_clips,
     summarize,
@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="missing prediction frames: fail (default) or score them as empty predictions")
     parser.add_argument("--out-dir", type=Path, help="write per_clip.csv, summary.json, curve plots and a cache")
     parser.add_argument("--all", action="store_true", help="print every metric, not only the six paper columns")
-    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
-                        help="processes, at least 1 (default: all cores)")
+    parser.add_argument("--workers", type=positive_int,
+                        help="processes at most, at least 1: this one and workers - 1 spawned ones, one per "
+                             f"{FRAMES_PER_PROCESS} frames to score (default: the idle cores, those this process "
+                             "may use less the 1-minute load average)")
     return parser
 
 
@@ -159,6 +161,8 @@ def save_curve_plots(curves_by_method: dict, out_dir: Path) -> list[Path]:
 
 def write_outputs(out_dir: Path, summaries: dict, per_clip: dict, curves: dict) -> None:
     """per_clip.csv (method, clip rows), summary.json (flat keys for one method, else method -> keys), plots."""
+    import pandas as pd  # imported here, as below: spawned workers re-import the main module
+
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pd.concat(per_clip, names=["method"])
     table.to_csv(out_dir / "per_clip.csv")
@@ -169,6 +173,8 @@ def write_outputs(out_dir: Path, summaries: dict, per_clip: dict, curves: dict) 
 
 def format_table(summaries: dict, show_all: bool) -> str:
     """Rows = methods, columns = the six paper columns (or every key), 3 decimals for display only."""
+    import pandas as pd
+
     table = pd.DataFrame.from_dict(summaries, orient="index")
     table = table[list(SUMMARY_KEYS if show_all else PAPER_COLUMNS)].rename_axis("method")
     return table.to_string(float_format=lambda v: f"{v:.3f}")
@@ -176,6 +182,7 @@ def format_table(summaries: dict, show_all: bool) -> str:
 
 def run(args) -> int:
     gt_root, protocol = resolve_gt_root(args)
+    args.workers = args.workers or idle_cores()
     pred_roots = args.methods or [args.pred_root]
     names = method_names(pred_roots)
     summaries, per_clip, curves, warned = {}, {}, {}, set()

@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
-from scipy.ndimage import distance_transform_edt
 
 EPS = np.spacing(1)  # MATLAB's eps, as the reference implementation uses
 N_THRESHOLDS = 256
@@ -163,6 +162,8 @@ def _nearest_foreground(gt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     The indices are scipy's (MATLAB bwdist's tie-breaking matters for exact agreement); the
     distance is computed from them in integers, cheaper than scipy's float path.
     """
+    from scipy.ndimage import distance_transform_edt  # imported here: the fast path does without scipy
+
     iy, ix = distance_transform_edt(~gt, return_distances=False, return_indices=True)
     h, w = gt.shape
     dy = iy - np.arange(h, dtype=iy.dtype)[:, None]
@@ -189,46 +190,46 @@ def weighted_f_measure(pred: np.ndarray, gt: np.ndarray, beta: float = WF_BETA) 
     return float((1 + beta) * recall * precision / (recall + beta * precision + EPS))
 
 
-def _enhanced_alignment(tp, fp, n_fg: int, size: int):
-    """E-phi from confusion counts; tp, fp: scalars or int arrays (one entry per threshold)."""
+def _enhanced_alignment(tp, fp, n_fg, size):
+    """E-phi from confusion counts: tp, fp arrays (one entry per threshold) or scalars; n_fg, size
+    scalars or arrays broadcasting against them (e.g. (F, 1) for (F, T) counts)."""
     tp = np.asarray(tp, dtype=np.float64)
     fp = np.asarray(fp, dtype=np.float64)
+    n_fg = np.asarray(n_fg, dtype=np.float64)
     pred_fg = tp + fp
     pred_bg = size - pred_fg
-    if n_fg == 0:
-        total = pred_bg
-    elif n_fg == size:
-        total = pred_fg
-    else:
-        fn = n_fg - tp
-        tn = pred_bg - fn
-        mean_pred = pred_fg / size
-        mean_gt = n_fg / size
-        total = np.zeros_like(tp)
-        for count, pred_value, gt_value in (
-            (tp, 1 - mean_pred, 1 - mean_gt),
-            (fp, 1 - mean_pred, -mean_gt),
-            (fn, -mean_pred, 1 - mean_gt),
-            (tn, -mean_pred, -mean_gt),
-        ):
-            align = 2 * (pred_value * gt_value) / (pred_value**2 + gt_value**2 + EPS)
-            total = total + (align + 1) ** 2 / 4 * count
+    fn = n_fg - tp
+    tn = pred_bg - fn
+    mean_pred = pred_fg / size
+    mean_gt = n_fg / size
+    total = np.zeros(np.broadcast(tp, n_fg).shape)
+    for count, pred_value, gt_value in (
+        (tp, 1 - mean_pred, 1 - mean_gt),
+        (fp, 1 - mean_pred, -mean_gt),
+        (fn, -mean_pred, 1 - mean_gt),
+        (tn, -mean_pred, -mean_gt),
+    ):
+        align = 2 * (pred_value * gt_value) / (pred_value**2 + gt_value**2 + EPS)
+        total = total + (align + 1) ** 2 / 4 * count
+    # without foreground (background) the reference counts the predicted background (foreground)
+    total = np.where(n_fg == 0, pred_bg, np.where(n_fg == size, pred_fg, total))
     return total / (size - 1 + EPS)
 
 
-def _f_beta(tp, fp, n_fg: int, beta2: float = F_BETA_SQUARED):
-    """F-beta from confusion counts (arrays or scalars); 0 where there is no true positive."""
+def _f_beta(tp, fp, n_fg, beta2: float = F_BETA_SQUARED):
+    """F-beta from confusion counts (arrays or scalars; n_fg broadcasts); 0 where there is no true positive."""
     tp = np.asarray(tp, dtype=np.float64)
     predicted = tp + fp
     precision = tp / np.where(predicted == 0, 1, predicted)
-    recall = tp / max(n_fg, 1)
+    recall = tp / np.maximum(n_fg, 1)
     numerator = (1 + beta2) * precision * recall
     denominator = np.where(numerator == 0, 1, beta2 * precision + recall)
     return numerator / denominator
 
 
-def _toolbox_rates(tp, fp, n_fg: int, size: int) -> np.ndarray:
-    """Sen, Spe, Dice, IoU rows (4, T) from counts; all 0 where tp == 0 (the toolbox's rule)."""
+def _toolbox_rates(tp, fp, n_fg, size) -> np.ndarray:
+    """Sen, Spe, Dice, IoU (..., 4, T) from counts (..., T) (n_fg, size broadcast); all 0 where
+    tp == 0 (the toolbox's rule)."""
     tp = np.asarray(tp, dtype=np.float64)
     fp = np.asarray(fp, dtype=np.float64)
     fn = n_fg - tp
@@ -238,9 +239,9 @@ def _toolbox_rates(tp, fp, n_fg: int, size: int) -> np.ndarray:
     bg = np.asarray(tn + fp, dtype=np.float64)
     spe = np.divide(tn, bg, out=np.zeros_like(bg), where=bg > 0)
     safe = np.where(has_tp, 1.0, 0.0)  # only read where tp > 0, where every other denominator is > 0
-    denominators = np.maximum(np.stack([np.full_like(tp, n_fg), n_fg + tp + fp, fn + tp + fp]), 1)
+    denominators = np.maximum(np.stack([np.broadcast_to(n_fg, tp.shape), n_fg + tp + fp, fn + tp + fp]), 1)
     sen, dice, iou = np.stack([tp, 2 * tp, tp]) / denominators
-    return np.stack([sen, spe, dice, iou]) * safe
+    return np.stack([sen, spe, dice, iou], axis=-2) * safe[..., None, :]
 
 
 def _cumulative_counts(bin_index: np.ndarray, gt: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -311,24 +312,74 @@ def score_prepared(pred: np.ndarray, gt: np.ndarray, prob: np.ndarray | None = N
 
 
 def score_frame(pred_u8: np.ndarray, gt_u8: np.ndarray) -> FrameScores:
-    """All metrics of one frame from raw uint8 grey images.
+    """All metrics of one frame from raw uint8 grey images (see :func:`score_frames`)."""
+    scalars, curves = score_frames([(pred_u8, gt_u8)])
+    return FrameScores(scalars[0], curves[0])
 
-    A prediction of another size is resized as uint8 first (:func:`resize_to_gt`), so it still holds
-    256 levels and every frame takes the fast path (:func:`score_levels`).
+
+def score_frames(frames) -> tuple[np.ndarray, np.ndarray]:
+    """All metrics of several frames from raw uint8 grey images, (pred_u8, gt_u8) pairs.
+
+    A prediction of another size is resized as uint8 first (:func:`resize_to_gt`), so it still
+    holds 256 levels and every frame takes the fast path. The pixels of each frame are reduced to
+    a histogram; the per-threshold arithmetic is done for all frames at once.
+    Returns scalars float64 (F, len(SCALAR_NAMES)), curves float64 (F, len(CURVE_NAMES), 256).
     """
-    return score_levels(resize_to_gt(pred_u8, gt_u8), gt_u8 > 128)
+    return _scores_from_summaries([_summarize_pixels(resize_to_gt(pred, gt), gt > 128) for pred, gt in frames])
 
 
 # ---------------------------------------------------------------------------------------------
 # Fast path. A same-size prediction holds at most 256 grey levels, so every metric but the
-# weighted F-measure follows from one joint histogram (S-measure quadrant x gt x level): the
-# per-pixel work is one bincount, and the min-max normalisation is a 256-entry lookup table
-# computed with the same float expression as the per-pixel path.
+# weighted F-measure follows from one joint histogram (S-measure quadrant x gt x level), and the
+# min-max normalisation is a 256-entry lookup table computed with the same float expression as
+# the per-pixel path: every pixel gets the very value the per-pixel path gives it, so the float
+# thresholds of Dice & co. (e.g. 4/255 < linspace(1, 0, 256)[251]) see the same numbers.
+# Pixel work is confined to the *active box* around the foreground (grown by 3 px) and every
+# nonzero prediction pixel: outside it every pixel is background at level 0, counted, not visited.
 # ---------------------------------------------------------------------------------------------
 
 _RAW_PROB = np.arange(256) / 255.0
 _BINARY_AT_HALF = _RAW_PROB >= 0.5
 _WF_BAND = 3  # the 7x7 Gaussian reaches 3 px: only background within 3 px of the foreground matters
+
+
+def _offsets_by_distance(limit: int) -> np.ndarray:
+    """For each squared distance d2 <= limit, the offsets (dy, dx) at that distance in scipy's
+    order of preference, int (limit + 1, 8, 2), padded by repeating the last (8: the most offsets
+    one squared distance below 25 has).
+
+    scipy's feature transform finds each column's nearest foreground row first (ties: the upper
+    row) and then, along the row, the nearest of those candidates (ties: the left column): of the
+    nearest foreground pixels it takes the leftmost, then the uppermost.
+    """
+    span = int(np.sqrt(limit))
+    table = np.zeros((limit + 1, 8, 2), np.intp)
+    for d2 in range(1, limit + 1):
+        at_d2 = [(dy, dx) for dx in range(-span, span + 1) for dy in range(-span, span + 1) if dy * dy + dx * dx == d2]
+        if at_d2:  # listed leftmost first, then uppermost
+            table[d2] = at_d2 + at_d2[-1:] * (8 - len(at_d2))
+    return table
+
+
+_BAND_D2 = 2 * _WF_BAND * _WF_BAND  # a pixel within _WF_BAND px (Chebyshev) of the foreground is this close
+_OFFSETS_BY_D2 = _offsets_by_distance(_BAND_D2)
+_BAND_PAD = int(np.sqrt(_BAND_D2))
+_SLOTS = np.arange(_OFFSETS_BY_D2.shape[1])
+
+
+Box = tuple[slice, slice]
+
+
+class _PixelSummary(NamedTuple):
+    """What the pixels of one frame give: the (4 quadrants, 2 gt, 256 levels) float64 histogram,
+    the level -> normalised value table (256,), the S-measure split (cy, cx), the frame shape and
+    the weighted F-measure."""
+
+    hist: np.ndarray
+    table: np.ndarray
+    split: tuple[int, int]
+    shape: tuple[int, int]
+    wfm: float
 
 
 def _level_table(present: np.ndarray) -> np.ndarray:
@@ -338,51 +389,228 @@ def _level_table(present: np.ndarray) -> np.ndarray:
     return (_RAW_PROB - lo) / (hi - lo) if hi != lo else _RAW_PROB.copy()
 
 
-def _quadrant_codes(gt: np.ndarray) -> tuple[np.ndarray | int, tuple[int, int]]:
-    """512 x the S-measure quadrant of every pixel (0 lt, 1 rt, 2 lb, 3 rb), uint16 (h, w), and
-    the split point (cy, cx) at the foreground centroid; (0, (0, 0)) without fg or bg."""
+def _bounding_rect(mask: np.ndarray) -> Box | None:
+    """Slices of the box around the nonzero pixels of a uint8 (h, w) mask; None when it is empty."""
+    x, y, w, h = cv2.boundingRect(mask)
+    return (slice(y, y + h), slice(x, x + w)) if w else None
+
+
+def _grown(box: Box, by: int, shape: tuple[int, int]) -> Box:
+    """``box`` grown by ``by`` px on every side, within an image of ``shape``."""
+    return tuple(slice(max(s.start - by, 0), min(s.stop + by, size)) for s, size in zip(box, shape))
+
+
+def _union(a: Box | None, b: Box | None) -> Box | None:
+    if a is None or b is None:
+        return a or b
+    return tuple(slice(min(s.start, t.start), max(s.stop, t.stop)) for s, t in zip(a, b))
+
+
+def _relative(box: Box, to: Box) -> Box:
+    """``box`` in the coordinates of the enclosing box ``to``."""
+    return tuple(slice(s.start - t.start, s.stop - t.start) for s, t in zip(box, to))
+
+
+def _active_box(pred_u8: np.ndarray, band: Box | None) -> Box:
+    """Box around ``band`` (the foreground grown by _WF_BAND px) and every nonzero prediction
+    pixel; the whole frame when that box would be empty.
+
+    Outside it every pixel is background at level 0, which has no error: 0 is the lowest level
+    wherever it occurs, and min-max normalisation keeps it 0 (a constant 0 is not normalised).
+    """
+    return _union(_bounding_rect(pred_u8), band) or (slice(0, pred_u8.shape[0]), slice(0, pred_u8.shape[1]))
+
+
+def _split_point(gt: np.ndarray, fg_box: Box | None) -> tuple[int, tuple[int, int]]:
+    """Foreground size and the S-measure's split (cy, cx): MATLAB's 1-based rounded foreground
+    centroid, (h, w) (one quadrant) without foreground or background. The integer sums are those
+    of argwhere(gt).mean(axis=0)."""
+    if fg_box is None:
+        return 0, gt.shape
+    rows, cols = fg_box
+    inside = gt[fg_box].view(np.uint8)
+    per_row = cv2.reduce(inside, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
+    per_col = cv2.reduce(inside, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
+    n_fg = int(per_row.sum())
+    if n_fg == gt.size:
+        return n_fg, gt.shape
+    cy = int(np.round((np.arange(rows.start, rows.stop) * per_row).sum() / n_fg)) + 1
+    cx = int(np.round((np.arange(cols.start, cols.stop) * per_col).sum() / n_fg)) + 1
+    return n_fg, (cy, cx)
+
+
+def _quadrant_blocks(shape: tuple[int, int], split: tuple[int, int]) -> tuple[Box, ...]:
+    """The S-measure's quadrants lt, rt, lb, rb of an image of ``shape`` split at (cy, cx)."""
+    (h, w), (cy, cx) = shape, split
+    top, bottom, left, right = slice(0, cy), slice(cy, h), slice(0, cx), slice(cx, w)
+    return (top, left), (top, right), (bottom, left), (bottom, right)
+
+
+def _box_histogram(pred_box: np.ndarray, gt_box: np.ndarray, split: tuple[int, int]) -> np.ndarray:
+    """(4 quadrants, 2 gt, 256 levels) float64 counts of a box; split: (cy, cx) in box coordinates."""
+    hist = np.zeros((4, 256, 2), np.float32)  # cv2.calcHist's float32 counts are exact below 2**24
+    gt_u8 = gt_box.view(np.uint8)
+    for quadrant, block in enumerate(_quadrant_blocks(gt_box.shape, split)):
+        if gt_u8[block].size:
+            hist[quadrant] = cv2.calcHist([pred_box[block], gt_u8[block]], [0, 1], None, [256, 2], [0, 256, 0, 2])
+    return np.ascontiguousarray(hist.transpose(0, 2, 1), dtype=np.float64)  # C order: fast reductions
+
+
+def _outside_counts(shape: tuple[int, int], box: Box, split: tuple[int, int]) -> list[int]:
+    """Pixels of each S-measure quadrant (lt, rt, lb, rb) outside ``box``."""
+
+    def overlap(a: slice, b: slice) -> int:
+        return max(0, min(a.stop, b.stop) - max(a.start, b.start))
+
+    return [
+        (rows.stop - rows.start) * (cols.stop - cols.start) - overlap(rows, box[0]) * overlap(cols, box[1])
+        for rows, cols in _quadrant_blocks(shape, split)
+    ]
+
+
+def _frame_histogram(pred_u8: np.ndarray, gt: np.ndarray, box: Box, split: tuple[int, int]) -> np.ndarray:
+    """(4 quadrants, 2 gt, 256 levels) float64 counts of the frame, counted in ``box``; every
+    pixel outside it is background at level 0 (see :func:`_active_box`)."""
+    box_split = (max(split[0] - box[0].start, 0), max(split[1] - box[1].start, 0))
+    hist = _box_histogram(pred_u8[box], gt[box], box_split)
+    hist[:, 0, 0] += _outside_counts(gt.shape, box, split)
+    return hist
+
+
+def _foreground_distances(gt: np.ndarray) -> np.ndarray:
+    """Euclidean distance of every pixel to the nearest foreground pixel, float32 (h, w) (float64 on
+    huge images); gt: bool (h, w), holding every foreground pixel of the frame.
+
+    OpenCV's exact transform in float32, several times faster than scipy's: :func:`_squared`
+    turns its values back into scipy's exact numbers. Huge images fall back to scipy.
+    """
     h, w = gt.shape
-    n_fg = np.count_nonzero(gt)
-    if n_fg == 0 or n_fg == gt.size:
-        return 0, (0, 0)
-    cy = int(np.round((np.arange(h) * np.count_nonzero(gt, axis=1)).sum() / n_fg)) + 1
-    cx = int(np.round((np.arange(w) * np.count_nonzero(gt, axis=0)).sum() / n_fg)) + 1
-    codes = np.zeros((h, w), np.uint16)
-    codes[:, cx:] = 512
-    codes[cy:] += 1024
-    return codes, (cy, cx)
+    if h * h + w * w >= 4_000_000:  # beyond this float32 no longer pins the integer square
+        from scipy.ndimage import distance_transform_edt  # imported here: workers rarely need scipy
+
+        return distance_transform_edt(~gt)
+    return cv2.distanceTransform((~gt).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
 
 
-def _weighted_std(values: np.ndarray, counts: np.ndarray, mean: float) -> float:
-    n = counts.sum()
-    return np.sqrt((counts * (values - mean) ** 2).sum() / (n - 1)) if n > 1 else 0.0
+def _squared(distances: np.ndarray) -> np.ndarray:
+    """The integer squares of distances from :func:`_foreground_distances`, float64."""
+    return np.rint(np.square(distances, dtype=np.float64))
 
 
-def _object_similarity_hist(values: np.ndarray, counts: np.ndarray) -> float:
-    mean = (counts * values).sum() / counts.sum()
+def _weighted_false_positives(pred: np.ndarray, gt: np.ndarray, distances: np.ndarray) -> float:
+    """The weighted F-measure's FPw: background errors (the prediction itself) weighted by
+    ``2 - exp(log(0.5) / 5 * distance to the foreground)``; pred float64, gt bool, distances
+    (:func:`_foreground_distances`), one box."""
+    erring = np.logical_and(pred != 0, ~gt)
+    importance = 2 - np.exp(np.log(0.5) / 5 * np.sqrt(_squared(distances[erring])))
+    return (pred[erring] * importance).sum()
+
+
+def _band_nearest(gt: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Background pixels within _WF_BAND px (Chebyshev) of the foreground and their nearest
+    foreground pixel, as scipy's feature transform picks it (see :func:`_offsets_by_distance`).
+
+    gt: bool (h, w) holding every foreground pixel of the frame, _WF_BAND px or more from any
+    border that is not the image's; distances: its :func:`_foreground_distances`. Returns flat
+    indices into gt: band (B,), nearest (B,).
+    """
+    (h, w), pad = gt.shape, _BAND_PAD
+    # 1 <= distance <= sqrt(_BAND_D2); no pixel is at sqrt(_BAND_D2 + 1) (19 is no sum of two squares)
+    band_mask = cv2.inRange(distances, 1, np.sqrt(_BAND_D2 + 0.5))
+    points = cv2.findNonZero(band_mask)  # (B, 1, 2) int32 (x, y), None if none
+    if points is None:  # the foreground fills the box
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    cols, rows = points.reshape(-1, 2).T.astype(np.intp)
+    # only the offsets at the pixel's own distance can hold its nearest foreground pixel
+    choices = _squared(distances[rows, cols]).astype(np.intp) * _OFFSETS_BY_D2.shape[1]
+    padded = cv2.copyMakeBorder(gt.view(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0).ravel()
+    padded_width = w + 2 * pad
+    padded_steps = (_OFFSETS_BY_D2 @ [padded_width, 1]).ravel()
+    candidates = ((rows + pad) * padded_width + cols + pad)[:, None] + padded_steps[choices[:, None] + _SLOTS]
+    choices += padded[candidates].argmax(axis=1)  # the first foreground one
+    band = rows * w + cols
+    return band, band + (_OFFSETS_BY_D2 @ [w, 1]).ravel()[choices]
+
+
+def _foreground_error_sum(pred: np.ndarray, gt: np.ndarray, distances: np.ndarray) -> float:
+    """Sum over the foreground of min(E, EA): the error ``E = 1 - pred`` or, where smaller, its
+    7x7 Gaussian smoothing EA, in which background pixels take the error of their nearest
+    foreground pixel (the reference's Et).
+
+    pred float64, gt bool, distances (:func:`_foreground_distances`): a box holding the foreground
+    grown by _WF_BAND px within the image.
+    """
+    err = np.where(gt, 1 - pred, 0.0)
+    band, nearest = _band_nearest(gt, distances)
+    flat = err.ravel()
+    flat[band] = flat[nearest]
+    smooth = cv2.sepFilter2D(err, -1, _GAUSS_7_5, _GAUSS_7_5, borderType=cv2.BORDER_CONSTANT)
+    return np.minimum(smooth, err, out=smooth).sum(where=gt)
+
+
+def _weighted_f_measure_box(pred: np.ndarray, gt: np.ndarray, band: Box, n_fg: int, beta: float = WF_BETA) -> float:
+    """Weighted F-measure from the active box: pred float64 (normalised), gt bool; band: the
+    foreground (n_fg pixels) grown by _WF_BAND px, in box coordinates. Background outside the
+    box has no error."""
+    distances = _foreground_distances(gt)
+    fp_w = _weighted_false_positives(pred, gt, distances)
+    err_fg = _foreground_error_sum(pred[band], gt[band], distances[band])
+    tp_w = n_fg - err_fg
+    recall = 1 - err_fg / n_fg
+    precision = tp_w / (tp_w + fp_w + EPS)
+    return float((1 + beta) * recall * precision / (recall + beta * precision + EPS))
+
+
+def _summarize_pixels(pred_u8: np.ndarray, gt: np.ndarray) -> _PixelSummary:
+    """The per-pixel work of one frame: uint8 (h, w) prediction, bool (h, w) gt of the same size."""
+    fg_box = _bounding_rect(gt.view(np.uint8))
+    band = _grown(fg_box, _WF_BAND, gt.shape) if fg_box else None
+    n_fg, split = _split_point(gt, fg_box)
+    active = _active_box(pred_u8, band)
+    hist = _frame_histogram(pred_u8, gt, active, split)
+    table = _level_table(hist.sum(axis=(0, 1)) > 0)
+    wfm = 0.0
+    if n_fg:
+        wfm = _weighted_f_measure_box(cv2.LUT(pred_u8[active], table), gt[active], _relative(band, active), n_fg)
+    return _PixelSummary(hist, table, split, gt.shape, wfm)
+
+
+# -- per-threshold arithmetic, all frames at once: arrays (F, ...) ----------------------------
+
+
+def _weighted_std(values: np.ndarray, counts: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    n = counts.sum(axis=-1)
+    spread = (counts * (values - mean[..., None]) ** 2).sum(axis=-1)
+    return np.where(n > 1, np.sqrt(spread / np.maximum(n - 1, 1)), 0.0)
+
+
+def _object_similarities(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Object similarity of each frame from values (F, 256) and their counts (F, 256); NaN for no count."""
+    mean = (counts * values).sum(axis=-1) / counts.sum(axis=-1)
     return 2 * mean / (mean * mean + 1 + _weighted_std(values, counts, mean) + EPS)
 
 
-def _ssim_hist(table: np.ndarray, hist: np.ndarray) -> float:
-    """Region SSIM of a quadrant from its (2 gt, 256 level) histogram; empty quadrant -> 0."""
-    n = hist.sum()
-    if n == 0:
-        return 0.0
-    x = (hist * table).sum() / n
-    y = hist[1].sum() / n
-    dx = table - x
-    dy = np.array([-y, 1 - y])[:, None]
-    sigma_x = (hist * dx * dx).sum() / (n - 1 + EPS)
-    sigma_y = (hist * dy * dy).sum() / (n - 1 + EPS)
-    sigma_xy = (hist * dx * dy).sum() / (n - 1 + EPS)
+def _region_ssims(hist: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Region SSIM of every quadrant, (F, 4), from hist (F, 4, 2, 256) and table (F, 256); an empty
+    quadrant scores 0. Quadrants holding a single (gt, level) bin are left to the caller."""
+    per_gt = hist.sum(axis=3)  # (F, 4, 2)
+    per_level = hist.sum(axis=2)  # (F, 4, 256)
+    n = per_gt.sum(axis=2)
+    values = table[:, None, :]
+    x = (per_level * values).sum(axis=2) / n
+    y = per_gt[:, :, 1] / n
+    dx = values - x[..., None]  # (F, 4, 256)
+    dy = np.stack([-y, 1 - y], axis=-1)  # (F, 4, 2)
+    sigma_x = (per_level * dx * dx).sum(axis=2) / (n - 1 + EPS)
+    sigma_y = (per_gt * dy * dy).sum(axis=2) / (n - 1 + EPS)
+    sigma_xy = ((hist * dx[:, :, None, :]).sum(axis=3) * dy).sum(axis=2) / (n - 1 + EPS)
     alpha = 4 * x * y * sigma_xy
     beta = (x * x + y * y) * (sigma_x + sigma_y)
-    if alpha != 0:
-        return alpha / (beta + EPS)
-    return 1.0 if beta == 0 else 0.0
+    score = np.where(alpha != 0, alpha / (beta + EPS), np.where(beta == 0, 1.0, 0.0))
+    return np.where(n == 0, 0.0, score)
 
 
-def _ssim_constant_block(value: float, shape: tuple[int, int], block: tuple[slice, slice]) -> float:
+def _ssim_constant_block(value: float, shape: tuple[int, int], block: Box) -> float:
     """Region SSIM of a quadrant where prediction and gt are both constant.
 
     Exactly 0/0 in theory; the reference scores 1 when its float mean of the block equals the value
@@ -391,142 +619,88 @@ def _ssim_constant_block(value: float, shape: tuple[int, int], block: tuple[slic
     return 1.0 if np.full(shape, value)[block].mean() == value else 0.0
 
 
-def _s_measure_hist(table, hist, shape, centroid, alpha: float = S_ALPHA) -> float:
-    """S-measure from the (4 quadrants, 2 gt, 256 level) histogram."""
-    both = hist.sum(axis=0)
-    size = both.sum()
-    fg_ratio = both[1].sum() / size
-    if fg_ratio == 0 or fg_ratio == 1:
-        mean = (both.sum(axis=0) * table).sum() / size
-        return float(1 - mean if fg_ratio == 0 else mean)
-    object_score = _object_similarity_hist(table, both[1]) * fg_ratio + _object_similarity_hist(
-        1 - table, both[0]
-    ) * (1 - fg_ratio)
-    (h, w), (cy, cx) = shape, centroid
+def _region_similarities(summaries, hist: np.ndarray, table: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """The S-measure's region term of every frame, (F,)."""
+    ssims = _region_ssims(hist, table)
+    for f, q in zip(*np.nonzero(np.count_nonzero(hist.reshape(*hist.shape[:2], -1), axis=2) == 1)):
+        summary = summaries[f]
+        level = np.flatnonzero(hist[f, q])[0] % 256
+        ssims[f, q] = _ssim_constant_block(table[f, level], summary.shape, _quadrant_blocks(summary.shape, summary.split)[q])
+    (h, w), (cy, cx) = np.array([s.shape for s in summaries]).T, np.array([s.split for s in summaries]).T
     w_lt, w_rt, w_lb = cx * cy / size, cy * (w - cx) / size, (h - cy) * cx / size
-    weights = (w_lt, w_rt, w_lb, 1 - w_lt - w_rt - w_lb)
-    blocks = (
-        (slice(0, cy), slice(0, cx)),
-        (slice(0, cy), slice(cx, w)),
-        (slice(cy, h), slice(0, cx)),
-        (slice(cy, h), slice(cx, w)),
-    )
-    region = 0.0
-    for q in range(4):
-        occupied = np.flatnonzero(hist[q])
-        if occupied.size == 1:
-            score = _ssim_constant_block(table[occupied[0] % 256], shape, blocks[q])
-        else:
-            score = _ssim_hist(table, hist[q])
-        region += score * weights[q]
-    return float(max(0.0, alpha * object_score + (1 - alpha) * region))
+    return ssims[:, 0] * w_lt + ssims[:, 1] * w_rt + ssims[:, 2] * w_lb + ssims[:, 3] * (1 - w_lt - w_rt - w_lb)
 
 
-def _background_distances(gt: np.ndarray) -> np.ndarray:
-    """Euclidean distance of every pixel to the nearest foreground pixel, float64 (h, w).
-
-    OpenCV's exact (float32) transform, turned back into sqrt(integer squared distance) in float64:
-    the same numbers as scipy's, several times faster. Huge images fall back to scipy.
-    """
-    h, w = gt.shape
-    if h * h + w * w >= 4_000_000:  # beyond this float32 no longer pins the integer square
-        return distance_transform_edt(~gt)
-    dist32 = cv2.distanceTransform((~gt).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return np.sqrt(np.rint(dist32.astype(np.float64) ** 2))
+def _s_measures(summaries, hist, table, fg, bg, size, alpha: float = S_ALPHA) -> np.ndarray:
+    """S-measure of every frame, (F,); fg, bg: (F, 256) level counts, size (F,) pixels."""
+    fg_ratio = fg.sum(axis=1) / size
+    mean = ((fg + bg) * table).sum(axis=1) / size
+    with np.errstate(divide="ignore", invalid="ignore"):  # frames without fg or bg: replaced below
+        object_score = _object_similarities(table, fg) * fg_ratio + _object_similarities(1 - table, bg) * (1 - fg_ratio)
+        score = np.maximum(0.0, alpha * object_score + (1 - alpha) * _region_similarities(summaries, hist, table, size))
+    return np.where(fg_ratio == 0, 1 - mean, np.where(fg_ratio == 1, mean, score))
 
 
-def _bounding_box(mask: np.ndarray, grow: int = 0) -> tuple[slice, slice]:
-    """Slices of the box around a non-empty bool (h, w) mask, grown by ``grow`` px within the image."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    h, w = mask.shape
-    return (
-        slice(max(rows[0] - grow, 0), min(rows[-1] + grow + 1, h)),
-        slice(max(cols[0] - grow, 0), min(cols[-1] + grow + 1, w)),
-    )
+def _threshold_counts(start: np.ndarray, counts: np.ndarray, n_bins: int) -> np.ndarray:
+    """Positive pixels at each of the 256 thresholds, (F, 256), from the pixel counts of each
+    level (F, 256) and the index of the first threshold at which the level is positive (F, 256),
+    one of ``n_bins``."""
+    frames = start.shape[0]
+    index = (start + n_bins * np.arange(frames)[:, None]).ravel()
+    per_bin = np.bincount(index, weights=counts.ravel(), minlength=frames * n_bins).reshape(frames, n_bins)
+    return np.cumsum(per_bin[:, :N_THRESHOLDS], axis=1)
 
 
-def _weighted_f_measure_fast(err: np.ndarray, gt: np.ndarray, beta: float = WF_BETA) -> float:
-    """Weighted F-measure from the per-pixel error ``|pred - gt|`` (float64 (h, w)), bool gt.
-
-    Background pixels weigh their own error by the distance term; the Gaussian-smoothed error is
-    only read on the foreground, so it is computed in the foreground's box grown by 3 px.
-    """
-    if not gt.any():
-        return 0.0
-    # background pixels without error add nothing: the distances are only needed in the box around
-    # the foreground and the erring pixels, and are exact there (every foreground pixel is inside)
-    active = _bounding_box((err != 0) | gt)
-    gt_active, err_active = gt[active], err[active]
-    bg = ~gt_active
-    importance = 2 - np.exp(np.log(0.5) / 5 * _background_distances(gt_active)[bg])
-    fp_w = (err_active[bg] * importance).sum()
-    box = _bounding_box(gt, grow=_WF_BAND)
-    gt_box, err_box = gt[box], err[box]
-    iy, ix = distance_transform_edt(~gt_box, return_distances=False, return_indices=True)
-    err_smooth = cv2.sepFilter2D(err_box[iy, ix], -1, _GAUSS_7_5, _GAUSS_7_5, borderType=cv2.BORDER_CONSTANT)
-    err_fg, smooth_fg = err_box[gt_box], err_smooth[gt_box]
-    err_fg = np.where(smooth_fg < err_fg, smooth_fg, err_fg)
-    tp_w = err_fg.size - err_fg.sum()
-    recall = 1 - err_fg.mean()
-    precision = tp_w / (tp_w + fp_w + EPS)
-    return float((1 + beta) * recall * precision / (recall + beta * precision + EPS))
+def _binary_at_half(fg: np.ndarray, per_level: np.ndarray, n_fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dice and IoU of the raw ``pred / 255 >= 0.5`` of every frame, (F,) each; 0 when both are empty."""
+    tp = fg[:, _BINARY_AT_HALF].sum(axis=1)
+    n_pred = per_level[:, _BINARY_AT_HALF].sum(axis=1)
+    total, union = n_pred + n_fg, n_pred + n_fg - tp
+    dice = np.divide(2 * tp, total, out=np.zeros_like(tp), where=total > 0)
+    return dice, np.divide(tp, union, out=np.zeros_like(tp), where=union > 0)
 
 
-def _level_counts(start_of_level: np.ndarray, counts: np.ndarray, n_bins: int) -> np.ndarray:
-    """Positives per threshold: cumulative counts of levels by their first positive threshold."""
-    return np.cumsum(np.bincount(start_of_level, weights=counts, minlength=n_bins)[:N_THRESHOLDS])
+def _scores_from_summaries(summaries: list[_PixelSummary]) -> tuple[np.ndarray, np.ndarray]:
+    """Scalars (F, len(SCALAR_NAMES)) and curves (F, len(CURVE_NAMES), 256) of frames' pixel summaries."""
+    hist = np.stack([s.hist for s in summaries])  # (F, 4, 2, 256)
+    table = np.stack([s.table for s in summaries])  # (F, 256)
+    both = hist.sum(axis=1)
+    bg, fg = both[:, 0], both[:, 1]
+    per_level = bg + fg
+    size, n_fg = per_level.sum(axis=1), fg.sum(axis=1)
+    column_size, column_fg = size[:, None], n_fg[:, None]
 
-
-def score_levels(pred_u8: np.ndarray, gt: np.ndarray) -> FrameScores:
-    """All metrics of one frame: uint8 (h, w) prediction, bool (h, w) gt of the same size.
-
-    Same numbers as :func:`score_prepared` on :func:`prepare_frame`'s arrays (up to float summation order).
-    """
-    size, n_fg = gt.size, int(np.count_nonzero(gt))
-    codes, centroid = _quadrant_codes(gt)
-    index = pred_u8.astype(np.uint16)
-    index |= gt.view(np.uint8).astype(np.uint16) << 8
-    index |= codes
-    # cv2.calcHist counts uint16 codes ~10x faster than np.bincount (float32 counts: exact below 2**24)
-    hist = cv2.calcHist([index], [0], None, [2048], [0, 2048]).reshape(4, 2, 256).astype(np.float64)
-    both = hist.sum(axis=0)  # (2 gt, 256 level)
-    per_level = both.sum(axis=0)
-    table = _level_table(per_level > 0)
-
-    mean_pred = (per_level * table).sum() / size
-    mae_value = ((both[0] * table).sum() + (both[1] * (1 - table)).sum()) / size
-    adaptive = table >= min(2 * mean_pred, 1)
-    tp_a, fp_a = both[1][adaptive].sum(), both[0][adaptive].sum()
-    tp05, pred05 = both[1][_BINARY_AT_HALF].sum(), per_level[_BINARY_AT_HALF].sum()
-    dice05 = 2 * tp05 / (pred05 + n_fg) if pred05 + n_fg else 0.0
-    iou05 = tp05 / (pred05 + n_fg - tp05) if pred05 + n_fg - tp05 else 0.0
+    mae_value = ((bg * table).sum(axis=1) + (fg * (1 - table)).sum(axis=1)) / size
+    mean_pred = (per_level * table).sum(axis=1) / size
+    adaptive = table >= np.minimum(2 * mean_pred, 1)[:, None]
+    tp_a, fp_a = (fg * adaptive).sum(axis=1), (bg * adaptive).sum(axis=1)
+    dice05, iou05 = _binary_at_half(fg, per_level, n_fg)
 
     byte_start = 255 - (table * 255).astype(np.uint8).astype(np.intp)
-    tp8, fp8 = (_level_counts(byte_start, both[g], N_THRESHOLDS) for g in (1, 0))
+    tp8, fp8 = (_threshold_counts(byte_start, counts, N_THRESHOLDS) for counts in (fg, bg))
     float_start = _float_threshold_start(table)
-    tpf, fpf = (_level_counts(float_start, both[g], N_THRESHOLDS + 1) for g in (1, 0))
+    tpf, fpf = (_threshold_counts(float_start, counts, N_THRESHOLDS + 1) for counts in (fg, bg))
 
-    err_table = np.tile(np.concatenate([table, 1 - table]), 4)  # indexed by the histogram codes
-    err = err_table[index]
-    scalars = np.array(
+    scalars = np.column_stack(
         [
-            _s_measure_hist(table, hist, gt.shape, centroid),
-            _weighted_f_measure_fast(err, gt),
+            _s_measures(summaries, hist, table, fg, bg, size),
+            [s.wfm for s in summaries],
             mae_value,
-            float(_enhanced_alignment(tp_a, fp_a, n_fg, size)),
-            float(_f_beta(tp_a, fp_a, n_fg)),
+            _enhanced_alignment(tp_a, fp_a, n_fg, size),
+            _f_beta(tp_a, fp_a, n_fg),
             dice05,
             iou05,
         ]
     )
-    curves = np.vstack(
+    curves = np.concatenate(
         [
-            _enhanced_alignment(tp8, fp8, n_fg, size),
-            _f_beta(tp8, fp8, n_fg),
-            _toolbox_rates(tpf, fpf, n_fg, size),
-        ]
+            _enhanced_alignment(tp8, fp8, column_fg, column_size)[:, None],
+            _f_beta(tp8, fp8, column_fg)[:, None],
+            _toolbox_rates(tpf, fpf, column_fg, column_size),
+        ],
+        axis=1,
     )
-    return FrameScores(scalars, curves)
+    return scalars, curves
 
 
 def summarize_curves(scalars: np.ndarray, curves: np.ndarray) -> dict[str, float]:

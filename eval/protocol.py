@@ -14,23 +14,26 @@ A dataset's curves are the average of its clips' curves (video) or of all its fr
 from __future__ import annotations
 
 import hashlib
+import math
 import multiprocessing
 import os
 import sys
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from eval.metrics import CURVE_NAMES, SCALAR_NAMES, FrameScores, score_frame, summarize_curves
+from eval.metrics import CURVE_NAMES, SCALAR_NAMES, FrameScores, score_frame, score_frames, summarize_curves
 from eval.readers import Clip, EvalInputError, frame_number, read_grey_checked, warn
 
 PROTOCOLS = ("video", "image")
 CACHE_VERSION = "2"  # 2: resized predictions are resized as uint8; gt_max and flags are cached
 FRAMES_PER_TASK = 8
+# starting a worker process costs about as much CPU as scoring this many frames: smaller jobs use fewer
+FRAMES_PER_PROCESS = 100
 # per-frame input flags (ClipScores.flags): 16-bit images that held 8-bit values
 PRED_16BIT_AS_8BIT = 1
 GT_16BIT_AS_8BIT = 2
@@ -134,7 +137,7 @@ class ClipCache:
     def _path(self, clip_name: str) -> Path:
         return self.folder / f"{clip_name}.npz"
 
-    def load(self, clip_name: str, key: str) -> ClipScores | None:
+    def load(self, clip_name: str, key: str | None) -> ClipScores | None:
         if self.folder is None or not self._path(clip_name).is_file():
             return None
         try:
@@ -145,7 +148,7 @@ class ClipCache:
         except (OSError, ValueError, KeyError):  # a half-written file from an interrupted run
             return None
 
-    def save(self, scores: ClipScores, key: str) -> None:
+    def save(self, scores: ClipScores, key: str | None) -> None:
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -157,20 +160,11 @@ class ClipCache:
 def _score_task(task):
     """Worker: (clip name, first frame index, [(gt, pred), ...]) -> ClipScores of those frames and the index."""
     clip_name, start, pairs = task
-    scores, gt_max, flags = [], [], []
-    for gt_path, pred_path in pairs:
-        pred, gt, frame_flags = read_file_pair(gt_path, pred_path)
-        scores.append(score_frame(pred, gt))
-        gt_max.append(int(gt.max()))
-        flags.append(frame_flags)
-    part = ClipScores(
-        clip_name,
-        np.stack([s.scalars for s in scores]),
-        np.stack([s.curves for s in scores]),
-        np.array(gt_max, np.int64),
-        np.array(flags, np.int64),
-    )
-    return start, part
+    frames = [read_file_pair(gt_path, pred_path) for gt_path, pred_path in pairs]
+    scalars, curves = score_frames((pred, gt) for pred, gt, _ in frames)
+    gt_max = np.array([int(gt.max()) for _, gt, _ in frames], np.int64)
+    flags = np.array([frame_flags for _, _, frame_flags in frames], np.int64)
+    return start, ClipScores(clip_name, scalars, curves, gt_max, flags)
 
 
 def _init_worker():
@@ -189,8 +183,45 @@ def _make_tasks(clips: list[Clip]):
             yield clip.name, start, pairs[start : start + FRAMES_PER_TASK]
 
 
+@contextmanager
+def _opencv_threads(n: int):
+    """OpenCV's thread count set to ``n`` for a while: with worker processes beside it, this
+    process's own OpenCV threads would only compete with them."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
+def _finished(pending: set) -> list:
+    done = [future for future in pending if future.done()]
+    pending.difference_update(done)
+    return [future.result() for future in done]
+
+
+def _share_tasks(executor, tasks, helpers: int):
+    """Results of ``_score_task`` over ``tasks`` in completion order, from ``helpers`` worker
+    processes and from this process: each worker holds at most two tasks (one running, one
+    queued) and this process scores the next task itself whenever they are full, from the start
+    (while the workers are still starting up) to the end."""
+    pending = set()
+    for task in tasks:
+        yield from _finished(pending)
+        if len(pending) < 2 * helpers:
+            pending.add(executor.submit(_score_task, task))
+        else:
+            yield _score_task(task)
+    for future in as_completed(pending):
+        yield future.result()
+
+
 def _run_tasks(tasks, workers: int):
-    """Results of ``_score_task`` over ``tasks`` in completion order, in ``workers`` processes.
+    """Results of ``_score_task`` over ``tasks`` in completion order, in ``workers`` processes:
+    this one and ``workers - 1`` spawned workers.
 
     A worker that dies (SIGKILL from the OOM killer, a crash) raises WorkerDiedError instead of
     hanging; an exception in a task (e.g. an unreadable image) is raised as it is. Either way the
@@ -200,13 +231,11 @@ def _run_tasks(tasks, workers: int):
         yield from map(_score_task, tasks)
         return
     # spawn, not fork: a fork after OpenCV's thread pool has run can deadlock the children
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    context = multiprocessing.get_context("spawn")
+    executor = ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_init_worker)
     try:
-        pending = {executor.submit(_score_task, task) for task in tasks}
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                yield future.result()
+        with _opencv_threads(1):
+            yield from _share_tasks(executor, tasks, workers - 1)
     except BrokenProcessPool as error:
         raise WorkerDiedError(
             "a worker process died (killed, e.g. out of memory): finished clips are cached in --out-dir, "
@@ -214,6 +243,17 @@ def _run_tasks(tasks, workers: int):
         ) from error
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def idle_cores() -> int:
+    """The cores this process may use (taskset, cpusets) less the 1-minute load average, at least 1:
+    on a machine busy with other jobs more processes only add their start-up cost."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, round(cores - load))
 
 
 def score_clips(
@@ -226,6 +266,9 @@ def score_clips(
 ) -> list[ClipScores]:
     """Score the protocol's frames of every clip, reusing cached clips; returns clips in input order.
 
+    workers: processes at most (this one and workers - 1 spawned ones), one per FRAMES_PER_PROCESS
+    frames to score.
+
     Clips left without frames (video clips of at most two frames) are skipped with a warning; input
     oddities (16-bit images holding 8-bit values, ground truth without a value above 128) are warned
     about once (see :func:`warn_about_inputs`; ``warned`` carries what was already said over calls).
@@ -237,20 +280,23 @@ def score_clips(
         if not clip.gt_frames:
             warn(f"clip {clip.name} has no frame to score, skipped")
     scored = [clip for clip in scored if clip.gt_frames]
-    keys = {clip.name: clip_cache_key(clip, protocol) for clip in scored}
+    keys = {clip.name: clip_cache_key(clip, protocol) for clip in scored} if cache_dir else {}
     done = {}
     for clip in scored:
-        cached = cache.load(clip.name, keys[clip.name])
+        cached = cache.load(clip.name, keys.get(clip.name))
         if cached is not None and cached.n_frames == len(clip.gt_frames):
             done[clip.name] = cached
     todo = [clip for clip in scored if clip.name not in done]
 
     parts: dict[str, dict[int, ClipScores]] = {clip.name: {} for clip in todo}
     sizes = {clip.name: len(clip.gt_frames) for clip in todo}
+    processes = max(1, min(workers, math.ceil(sum(sizes.values()) / FRAMES_PER_PROCESS)))
+    from tqdm import tqdm  # imported here: spawned workers need only the scoring code
+
     # disable=None: a bar on a terminal, none in logs or pipes
     bar = tqdm(total=sum(sizes.values()), desc=description, unit="frame", file=sys.stderr, leave=False, disable=None)
     with bar:
-        for start, part in _run_tasks(_make_tasks(todo), workers):
+        for start, part in _run_tasks(_make_tasks(todo), processes):
             name = part.name
             parts[name][start] = part
             bar.update(part.n_frames)
@@ -258,7 +304,7 @@ def score_clips(
                 ordered = [parts[name][k] for k in sorted(parts[name])]
                 fields = ("scalars", "curves", "gt_max", "flags")
                 done[name] = ClipScores(name, *(np.concatenate([getattr(p, f) for p in ordered]) for f in fields))
-                cache.save(done[name], keys[name])
+                cache.save(done[name], keys.get(name))
                 del parts[name]
     results = [done[clip.name] for clip in scored]
     warn_about_inputs(scored, results, warned)
@@ -346,6 +392,7 @@ __all__ = [
     "dataset_curves",
     "dataset_means",
     "frames_to_score",
+    "idle_cores",
     "per_clip_table",
     "score_clips",
     "summarize",

@@ -19,18 +19,17 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import numpy as np
-from natsort import natsort_keygen
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGE_GROUP = "images"
 SUN_SEG_SPLITS = {"easy": "TestEasyDataset", "hard": "TestHardDataset"}
 SUN_SEG_SUBSETS = {"seen": "Seen", "unseen": "Unseen"}
 
-_natural_key = natsort_keygen()
 _FRAME_NUMBER = re.compile(r"(\d+)\D*$")  # the last run of digits in a stem
 
 
@@ -68,6 +67,17 @@ def frame_number(path: Path) -> int | None:
     """The last number in the stem (``case1_3_a_12`` -> 12, ``12_mask`` -> 12), None without digits."""
     match = _FRAME_NUMBER.search(path.stem)
     return int(match.group(1)) if match else None
+
+
+@lru_cache(maxsize=1)
+def _natural_key_function():
+    from natsort import natsort_keygen  # imported here: spawned workers only read images
+
+    return natsort_keygen()
+
+
+def _natural_key(name: str):
+    return _natural_key_function()(name)
 
 
 def frame_sort_key(path: Path):

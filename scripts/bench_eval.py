@@ -14,12 +14,18 @@ Sen/Spe/Dice/IoU: pysodmetrics bins the prediction to 8 bits while the SUN-SEG t
 the float prediction against ``linspace(1, 0, 256)``; the two differ on pixels lying exactly on a
 threshold, so those four curves are compared on the dataset means within 1e-3 (the exact toolbox
 definition is proved in tests/test_eval_metrics.py); all other metrics agree per frame within 1e-6.
+
+Prints the load average and the CPU time of each side too: on a machine shared with other jobs the
+wall-time ratio moves with the load, the CPU-time ratio much less. It also prints which ``eval``
+it measured: from a git worktree of an editable install, run it as ``PYTHONPATH=. python
+scripts/bench_eval.py``, else it imports the installed checkout's ``eval``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -30,10 +36,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import eval.metrics as eval_metrics
 from eval.metrics import CURVE_NAMES, SCALAR_NAMES
-from eval.protocol import score_clips
+from eval.protocol import idle_cores, score_clips
 from eval.readers import find_gt_clips, match_predictions
-from vps.hardware import cpu_name
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cvc-clinicdb-video"
 
@@ -112,6 +118,19 @@ def reference_loop(pairs):
     }
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (the worker processes)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def timed(run):
+    """(run(), wall seconds, CPU seconds); on a shared machine the CPU time is the steadier number."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    result = run()
+    return result, time.perf_counter() - wall, cpu_seconds() - cpu
+
+
 def check_agreement(ours_scalars, ours_curves, ref_scalars, ref_curves) -> float:
     """Assert agreement; returns the largest per-frame difference of the exactly comparable metrics."""
     worst = 0.0
@@ -134,10 +153,11 @@ def check_agreement(ours_scalars, ours_curves, ref_scalars, ref_curves) -> float
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, help="vps-eval's --workers (default: as vps-eval, the idle cores)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings for each side")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    workers = args.workers or idle_cores()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -146,26 +166,30 @@ def main(argv=None) -> int:
         pairs = [pair for clip in clips for pair in zip(clip.gt_frames, clip.predictions)]
         shape = cv2.imread(str(pairs[0][0]), cv2.IMREAD_GRAYSCALE).shape
 
-        ours_time, ref_time = float("inf"), float("inf")
+        load_before = os.getloadavg()[0]
+        ours, ref = (float("inf"), 0.0), (float("inf"), 0.0)  # best wall time, CPU time of that run
         for _ in range(args.repeats):
-            start = time.perf_counter()
-            scored = score_clips(clips, "image", workers=args.workers)
-            ours_time = min(ours_time, time.perf_counter() - start)
-            start = time.perf_counter()
-            ref_scalars, ref_curves = reference_loop(pairs)
-            ref_time = min(ref_time, time.perf_counter() - start)
+            scored, *timing = timed(lambda: score_clips(clips, "image", workers=workers))
+            ours = min(ours, tuple(timing))
+            (ref_scalars, ref_curves), *timing = timed(lambda: reference_loop(pairs))
+            ref = min(ref, tuple(timing))
+        load_after = os.getloadavg()[0]
 
         ours_scalars = np.concatenate([c.scalars for c in scored])
         ours_curves = np.concatenate([c.curves for c in scored])
         worst = check_agreement(ours_scalars, ours_curves, ref_scalars, ref_curves)
 
+    from vps.hardware import cpu_name  # imported here: `import vps` loads torch, spawned workers re-import this script
+
     n = len(pairs)
     print(f"data: {gt_root if gt_root == args.data else 'synthetic'}: {n} frames of {shape[0]}x{shape[1]}")
-    print(f"hardware: nproc={nproc()}, CPU: {cpu_name()}; workers={args.workers}")
+    print(f"hardware: nproc={nproc()}, CPU: {cpu_name()}; workers={workers}; "
+          f"load average {load_before:.1f} before, {load_after:.1f} after")
+    print(f"code measured: {Path(eval_metrics.__file__).parent}")
     print(f"agreement: max per-frame difference {worst:.2e} (S, wF, MAE, E-phi, F-beta)")
-    print(f"pysodmetrics loop: {n / ref_time:8.1f} frames/s ({ref_time:.2f} s)")
-    print(f"vps eval:          {n / ours_time:8.1f} frames/s ({ours_time:.2f} s)")
-    print(f"speed-up: {ref_time / ours_time:.1f}x")
+    print(f"pysodmetrics loop: {n / ref[0]:8.1f} frames/s ({ref[0]:.2f} s, CPU {ref[1]:.2f} s)")
+    print(f"vps eval:          {n / ours[0]:8.1f} frames/s ({ours[0]:.2f} s, CPU {ours[1]:.2f} s with its workers)")
+    print(f"speed-up: {ref[0] / ours[0]:.1f}x (CPU time: {ref[1] / ours[1]:.1f}x)")
     return 0
 
 

@@ -16,6 +16,14 @@ TINY_GENERATOR = {"backbone": "tf_efficientnet_lite0", "backbone_weights": None,
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1], "window_size": 8}
 
 
+@pytest.fixture
+def eval_workers_for_few_frames(monkeypatch):
+    """vps-eval starts its worker processes even for a few frames (small jobs normally run in one)."""
+    import eval.protocol
+
+    monkeypatch.setattr(eval.protocol, "FRAMES_PER_PROCESS", 1)
+
+
 def make_tiny_sam(backend: str = "vit_b"):
     """A SAM ViT of the given family with the official code path but a tiny random encoder (64 x 64 input)."""
     return build_sam_vit(backend, image_size=64, patch_size=1, encoder_overrides=TINY_VIT)

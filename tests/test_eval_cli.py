@@ -102,7 +102,7 @@ def test_unreadable_image(tmp_path, capsys):
     assert "cannot read image" in error_line(capsys)
 
 
-def test_unreadable_image_in_worker_process(tmp_path, capsys):
+def test_unreadable_image_in_worker_process(tmp_path, capsys, eval_workers_for_few_frames):
     write_frames(tmp_path / "gt" / "c", ["1", "2", "3"])
     write_frames(tmp_path / "pred" / "c", ["1", "2", "3"], pred=True)
     (tmp_path / "gt" / "c" / "2.png").write_bytes(b"")

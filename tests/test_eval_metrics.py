@@ -241,3 +241,118 @@ def test_fast_path_equals_per_pixel_path(seed):
     slow = score_prepared(*prepare_frame(pred, gt))
     np.testing.assert_allclose(fast.scalars, slow.scalars, atol=1e-12)
     np.testing.assert_allclose(fast.curves, slow.curves, atol=1e-12)
+
+
+# ---- the fast path: level histogram, active box, scipy's nearest foreground pixel, batches ----------
+
+
+def toolbox_byte_loop(pred, gt):
+    """F-beta curve over the 8-bit thresholds ``uint8(pred * 255) >= t``, t = 255..0, literally (pysodmetrics)."""
+    byte = (pred * 255).astype(np.uint8)
+    out = np.zeros(256)
+    n_fg = gt.sum()
+    for k, threshold in enumerate(range(255, -1, -1)):
+        label = byte >= threshold
+        tp, n_pred = (label & gt).sum(), label.sum()
+        if tp:
+            precision, recall = tp / n_pred, tp / n_fg
+            out[k] = 1.3 * precision * recall / (0.3 * precision + recall)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("levels", [(0, 4, 255), (0, 1, 2, 3, 4, 5, 250, 255), (3, 4, 7, 200), (17, 4, 9), (0, 128, 127, 255)])
+def test_level_histogram_equals_per_threshold_loops(seed, levels):
+    # few grey levels (many ties), 4/255 below linspace(1, 0, 256)[251], minimum 0 (kept as k/255) or not (normalised)
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(4, 40, 2))
+    pred = rng.choice(np.array(levels, np.uint8), shape)
+    gt = ((rng.random(shape) < rng.uniform(0.1, 0.7)) * 255).astype(np.uint8)
+    scores = score_frame(pred, gt)
+    normalised, mask, _ = prepare_frame(pred, gt)
+    np.testing.assert_allclose(scores.curves[2:], toolbox_rates_loop(normalised, mask), atol=1e-12)
+    np.testing.assert_allclose(scores.curves[CURVE_NAMES.index("Fm")], toolbox_byte_loop(normalised, mask), atol=1e-12)
+    assert_matches_pysod(pred, gt)
+
+
+def sparse_frame(rng, shape=(70, 90)):
+    """An object, a soft prediction that is 0 away from it (a small active box), sometimes at a border."""
+    gt = np.zeros(shape, np.uint8)
+    centre = (int(rng.integers(-5, shape[1] + 5)), int(rng.integers(-5, shape[0] + 5)))
+    cv2.ellipse(gt, centre, (int(rng.integers(1, 20)), int(rng.integers(1, 15))), 0, 0, 360, 255, -1)
+    shift = int(rng.integers(-6, 7))
+    pred = cv2.GaussianBlur(np.roll(gt, shift, axis=1).astype(np.float32), (0, 0), float(rng.uniform(0.5, 4)))
+    pred = (pred * rng.uniform(0.3, 1.0)).astype(np.uint8)
+    if rng.random() < 0.3:
+        pred[rng.random(shape) < 0.002] = 60  # a few far false positives
+    return pred, gt
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_sparse_predictions_match_pysodmetrics_and_per_pixel_path(seed):
+    # pixels outside the box around the object and the nonzero prediction are counted, not visited
+    pred, gt = sparse_frame(np.random.default_rng(200 + seed))
+    assert_matches_pysod(pred, gt)
+    fast = score_frame(pred, gt)
+    slow = score_prepared(*prepare_frame(pred, gt))
+    np.testing.assert_allclose(fast.scalars, slow.scalars, atol=1e-12)
+    np.testing.assert_allclose(fast.curves, slow.curves, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "pred_value, gt_box",
+    [(0, (slice(2, 6), slice(3, 9))), (90, (slice(2, 6), slice(3, 9))), (0, None), (90, None), (255, (slice(0, 12), slice(0, 16)))],
+)
+def test_constant_predictions_match_pysodmetrics(pred_value, gt_box):
+    # a constant prediction is not normalised: constant 0 has no error, any other constant errs everywhere
+    pred = np.full((12, 16), pred_value, np.uint8)
+    gt = np.zeros((12, 16), np.uint8)
+    if gt_box:
+        gt[gt_box] = 255
+    assert_matches_pysod(pred, gt)
+
+
+def test_object_in_a_corner_leaves_quadrants_constant():
+    # the quadrants away from the object hold only background at level 0: the S-measure's 0/0 case
+    gt = np.zeros((40, 50), np.uint8)
+    gt[:6, :7] = 255
+    pred = np.zeros((40, 50), np.uint8)
+    pred[1:7, 1:8] = 200
+    assert_matches_pysod(pred, gt)
+
+
+def test_band_nearest_foreground_is_scipys():
+    from scipy.ndimage import distance_transform_edt
+
+    from eval.metrics import _band_nearest, _foreground_distances
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        shape = tuple(rng.integers(5, 50, 2))
+        gt = rng.random(shape) < rng.uniform(0.01, 0.4)
+        if trial % 2:  # rectangles: straight edges, many equidistant foreground pixels
+            gt = np.zeros(shape, bool)
+            for _ in range(3):
+                y, x = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+                gt[y : y + rng.integers(1, 8), x : x + rng.integers(1, 8)] = True
+        if not gt.any():
+            continue
+        rows, cols = distance_transform_edt(~gt, return_distances=False, return_indices=True)
+        band, nearest = _band_nearest(gt, _foreground_distances(gt))
+        np.testing.assert_array_equal(nearest, rows.ravel()[band] * shape[1] + cols.ravel()[band])
+        within_three = cv2.dilate(gt.view(np.uint8), np.ones((7, 7), np.uint8)).astype(bool) & ~gt
+        assert set(np.flatnonzero(within_three)) <= set(band)
+
+
+def test_a_batch_of_frames_scores_as_single_frames():
+    from eval.metrics import score_frames
+
+    rng = np.random.default_rng(11)
+    frames = [sparse_frame(rng) for _ in range(3)]
+    frames += [random_frame(rng, (30, 20), 0.3), (np.zeros((9, 9), np.uint8), np.zeros((9, 9), np.uint8))]
+    frames += [(rng.integers(0, 256, (8, 8), dtype=np.uint8), np.full((8, 8), 255, np.uint8))]
+    scalars, curves = score_frames(frames)
+    for k, (pred, gt) in enumerate(frames):
+        single = score_frame(pred, gt)
+        np.testing.assert_array_equal(scalars[k], single.scalars)
+        np.testing.assert_array_equal(curves[k], single.curves)

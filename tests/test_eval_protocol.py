@@ -76,7 +76,7 @@ def test_clip_scores_match_per_frame_average(tmp_path):
         assert clip_one[key] == pytest.approx(value, abs=1e-12), key
 
 
-def test_parallel_equals_serial_and_cache_is_reused(tmp_path):
+def test_parallel_equals_serial_and_cache_is_reused(tmp_path, eval_workers_for_few_frames):
     for c in range(3):
         write_clip(tmp_path, f"clip{c}", 5 + c, value_of_frame=lambda i: 60 + 20 * i)
     clips = find_gt_clips(tmp_path / "gt")
@@ -92,6 +92,31 @@ def test_parallel_equals_serial_and_cache_is_reused(tmp_path):
     np.savez(tmp_path / "cache" / "clip0.npz", **{**poisoned, "scalars": cached["scalars"] + 1})
     again = score_clips(clips, "video", cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again[0].scalars, serial[0].scalars + 1)
+
+
+def test_small_jobs_start_no_worker_process(tmp_path, monkeypatch):
+    import eval.protocol
+
+    write_clip(tmp_path, "c", 6)
+    clips = find_gt_clips(tmp_path / "gt")
+    match_predictions(clips, tmp_path / "pred")
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker process was started for 4 frames")
+
+    monkeypatch.setattr(eval.protocol, "ProcessPoolExecutor", no_pool)
+    assert [c.n_frames for c in score_clips(clips, "video", workers=8)] == [4]
+
+
+@pytest.mark.parametrize("load, expected", [(0.0, 8), (2.6, 5), (7.9, 1), (30.0, 1)])
+def test_default_workers_are_the_idle_cores(monkeypatch, load, expected):
+    import os
+
+    from eval.protocol import idle_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert idle_cores() == expected
 
 
 def test_cache_key_changes_with_files_and_protocol(tmp_path):
@@ -115,6 +140,7 @@ def test_masks_subfolder_layout(tmp_path):
 
 def _kill_on_clip_two(task):
     """A worker task that dies like an OOM-killed process (SIGKILL) on clip "c2", once clip "c1" is cached."""
+    import multiprocessing
     import os
     import signal
     import time
@@ -122,7 +148,8 @@ def _kill_on_clip_two(task):
     from eval import protocol
 
     clip_name = task[0]
-    if clip_name == "c2":
+    # only in a worker: the main process scores tasks too when the workers' queues are full
+    if clip_name == "c2" and multiprocessing.parent_process() is not None:
         cache = Path(os.environ["VPS_EVAL_TEST_CACHE"])
         deadline = time.monotonic() + 120
         while not (cache / "c1.npz").is_file() and time.monotonic() < deadline:
@@ -131,7 +158,7 @@ def _kill_on_clip_two(task):
     return protocol._score_task(task)  # in a spawned worker eval.protocol is not patched: the real task
 
 
-def test_killed_worker_stops_with_one_line_and_keeps_finished_clips(tmp_path, monkeypatch, capsys):
+def test_killed_worker_stops_with_one_line_and_keeps_finished_clips(tmp_path, monkeypatch, capsys, eval_workers_for_few_frames):
     import eval.protocol
     from eval.cli import main
 
