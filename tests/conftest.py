@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 import vps  # noqa: F401  (applies the torchvision compatibility fix before timm/segment_anything load)
+import vps.backends
 from vps.modeling import AutoSAM, LightModel, build_prompt_generator, build_surrogate, checkpoint_metadata, save_checkpoint
 from vps.modeling.build_sam import build_sam_vit
 
@@ -36,6 +39,27 @@ def save_random_checkpoint(path: Path, sam_backend: str = "litemedsam", seed: in
     light = make_tiny_light(seed)
     meta = checkpoint_metadata(TINY_GENERATOR, sam_backend, {"hidden_channels": 64})
     return save_checkpoint(path, meta, light.prompt_generator, light.surrogate)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory) -> Path:
+    """Exported models (vps.backends) go to a temporary folder, shared by the session, never ~/.cache."""
+    folder = tmp_path_factory.mktemp("vps-cache")
+    saved = os.environ.get("VPS_CACHE_DIR")
+    os.environ["VPS_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("VPS_CACHE_DIR", None)
+    else:
+        os.environ["VPS_CACHE_DIR"] = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eager_by_default():
+    """``auto`` means torch eager in-process: exporting to OpenVINO for every small Segmenter would triple
+    the suite's time. tests/test_backends.py tests the other backends and ``auto``'s order itself."""
+    with mock.patch.object(vps.backends, "AUTO_ORDER", ("eager",)):
+        yield
 
 
 @pytest.fixture
