@@ -5,6 +5,13 @@
     python scripts/bench_segment.py --device cuda --sam vit_b --frames 512 --batch-sizes 32 64
 
 Measures (same clip, model and precision on both sides of each ratio):
+  baseline `vps-segment` with default options (built-in model, default backend and precision), the whole
+           process as a user runs it, model start-up included, with an empty and with a filled export
+           cache / a plain fp32 per-frame loop of LiteMedSAM's image encoder alone (decode every frame
+           first, then the encoder on one 256 x 256 frame at a time), on --baseline-frames frames
+  backends each backend (eager, OpenVINO, ONNX Runtime; torch.compile with --compile) on the built-in
+           model: start-up (export + compile, then from the cache), model-only frames/s at the default
+           batch, and its probabilities against eager fp32 on real frames (mean |dp|, Dice at 0.5)
   engine   end-to-end frames/s of the engine (decode in a thread, batches, writes) / the plain loop
            (decode every frame first, then the model on one frame at a time at native size);
            end-to-end / model-only frames/s (is decoding hidden behind compute?); the batch size sweep
@@ -30,14 +37,17 @@ import tempfile
 import time
 from argparse import Namespace
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
 import vps  # noqa: F401
+from vps.api import Segmenter, load_model
+from vps.backends import BACKENDS, is_installed
 from vps.cli.segment import Outputs, Totals, segment_clip
 from vps.hardware import cpu_name
-from vps.inference import SegmentationEngine, per_frame_loop
+from vps.inference import SegmentationEngine, per_frame_loop, resize_images
 from vps.modeling import (
     AutoSAM, build_prompt_generator, build_surrogate, checkpoint_metadata, load_model_from_checkpoint,
     save_checkpoint,
@@ -140,13 +150,15 @@ def model_only_fps(eng: SegmentationEngine, frames: torch.Tensor, batch: int) ->
     return len(frames) / (time.perf_counter() - start)
 
 
-def end_to_end_fps(eng: SegmentationEngine, video: Path, frames: torch.Tensor, batch: int, out: Path) -> float:
-    """The vps-segment path (prefetching reader, engine, mask video writer), model already loaded."""
-    warm(eng, frames, batch)
-    args = Namespace(decoder="av", fps=25.0, threshold=0.5, overwrite=True, batch_size=batch, quiet=True)
+def end_to_end_fps(model, device, precision: str, video: Path, batch: int, out: Path, backend: str = "eager") -> float:
+    """The vps-segment path (prefetching reader, Segmenter, mask video writer), model already loaded."""
+    segmenter = Segmenter(model=copy.deepcopy(model), device=device, precision=precision, batch_size=batch,
+                          backend=backend)
+    segmenter.predict(decoded_frames(video)[:batch].numpy())  # warm-up, not counted
+    args = Namespace(decoder="av", fps=25.0, threshold=0.5, overwrite=True, smooth=0, quiet=True)
     clip = find_clips(video)[0]
     start = time.perf_counter()
-    segment_clip(clip, Outputs(mask=out / "masks.mp4"), eng, args, Totals())
+    segment_clip(clip, Outputs(mask=out / "masks.mp4"), segmenter, args, Totals())
     return decoded_count(video) / (time.perf_counter() - start)
 
 
@@ -196,14 +208,101 @@ def memory(args: argparse.Namespace, checkpoint: Path, tmp: Path) -> None:
             row("  growth", f"{peaks[-1] - peaks[0]:+.0f} MB", "target < 50 MB")
 
 
+def plain_encoder_fps(video: Path) -> float:
+    """Decode every frame, then LiteMedSAM's image encoder alone on one 256 x 256 frame at a time, fp32
+    eager (the built-in model's encoder; resizing and normalising counted)."""
+    sam = load_model().sam.eval()
+    start = time.perf_counter()
+    frames = decoded_frames(video)
+    with torch.inference_mode():
+        for frame in frames:
+            image = resize_images(frame.permute(2, 0, 1)[None].float() / 255, sam.image_size)
+            sam.image_encoder((image - sam.pixel_mean) / sam.pixel_std)
+    return len(frames) / (time.perf_counter() - start)
+
+
+def vps_segment_seconds(video: Path, out: Path, cache: Path) -> float:
+    """Wall time of the whole ``vps-segment`` process with default options (export cache in ``cache``)."""
+    start = time.perf_counter()
+    subprocess.run([*vps_segment_command(), str(video), "--out", str(out), "--overwrite", "--quiet"], check=True,
+                   env={**os.environ, "VPS_CACHE_DIR": str(cache)})
+    return time.perf_counter() - start
+
+
+def baseline(args: argparse.Namespace, tmp: Path) -> None:
+    """vps-segment defaults, whole process, against a plain fp32 per-frame loop of the encoder alone."""
+    (tmp / "baseline").mkdir()
+    video, what = make_clip(tmp / "baseline", args.baseline_frames)
+    count = decoded_count(video)
+    print(f"vps-segment defaults vs the plain encoder loop, clip: {what}")
+    plain = plain_encoder_fps(video)
+    row("plain fp32 per-frame loop, image encoder alone", f"{plain:.3f} f/s", "baseline")
+    cache = tmp / "baseline" / "cache"
+    for state in ("empty", "filled"):
+        seconds = vps_segment_seconds(video, tmp / "baseline" / "masks.mp4", cache)
+        row(f"vps-segment defaults, whole process, cache {state}", f"{count / seconds:.3f} f/s",
+            f"{seconds:.0f} s for {count} frames; {count / seconds / plain:.2f}x the baseline (target 3x, goal 5x)")
+
+
+def backend_runs(args: argparse.Namespace) -> list:
+    """(backend, precision) pairs to measure: eager in both, then each installed backend."""
+    runs = [("eager", "fp32"), ("eager", "bf16")]
+    for name in ("openvino", "onnx", "compile"):
+        if (name != "compile" or args.compile) and is_installed(name):
+            runs += [(name, precision) for precision in BACKENDS[name].precisions if precision != "fp16"]
+    return runs
+
+
+def agreement(reference: np.ndarray, probabilities: np.ndarray) -> str:
+    """Mean |dp| over the frames (worst frame) and Dice of the masks at 0.5 (mean, worst frame)."""
+    mean_abs = np.abs(reference - probabilities).mean(axis=(1, 2))
+    a, b = reference >= 0.5, probabilities >= 0.5
+    total = a.sum(axis=(1, 2)) + b.sum(axis=(1, 2))
+    dice = np.where(total > 0, 2 * (a & b).sum(axis=(1, 2)) / np.maximum(total, 1), 1.0)
+    return (f"mean |dp| {mean_abs.mean():.4f} (worst {mean_abs.max():.4f}), "
+            f"Dice {dice.mean():.3f} (worst {dice.min():.3f})")
+
+
+def backends(args: argparse.Namespace, tmp: Path) -> None:
+    """Start-up, model-only speed and agreement with eager fp32 of each backend, built-in model."""
+    real = real_frames(args.frames)
+    frames, what = (np.stack(list(real[0])), real[1]) if real else (np.stack(list(synthetic_frames(args.frames))),
+                                                                    "synthetic")
+    print(f"backends, built-in model, {len(frames)} frames of {what}, model-only (frames in memory):")
+    for model in args.backend_models:
+        reference = None
+        for name, precision in backend_runs(args):
+            cache = tmp / "backends" / f"{model}-{name}-{precision}"
+            startups = []
+            for _ in ("empty", "filled"):
+                start = time.perf_counter()
+                with mock.patch.dict(os.environ, {"VPS_CACHE_DIR": str(cache)}):
+                    segmenter = Segmenter(model=model, backend=name, precision=precision)
+                startups.append(time.perf_counter() - start)
+            segmenter.predict(frames[:segmenter.batch_size])  # warm-up (torch.compile compiles here)
+            start = time.perf_counter()
+            probabilities = segmenter.predict(frames)
+            fps = len(frames) / (time.perf_counter() - start)
+            if reference is None:
+                reference = probabilities
+            row(f"{model} {name} {precision}, batch {segmenter.batch_size}", f"{fps:.3f} f/s",
+                f"start-up {startups[0]:.1f} s, cached {startups[1]:.1f} s; {agreement(reference, probabilities)}")
+
+
 def row(name: str, value: str, note: str = "") -> None:
     print(f"  {name:<46} {value:>14}  {note}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=("engine", "bf16", "light", "memory"),
-                        default=["engine", "bf16", "light", "memory"])
+    parser.add_argument("--only", nargs="+", choices=("baseline", "backends", "engine", "bf16", "light", "memory"),
+                        default=["baseline", "backends", "engine", "bf16", "light", "memory"])
+    parser.add_argument("--baseline-frames", type=int, default=100,
+                        help="frames of the vps-segment vs plain encoder loop clip (100)")
+    parser.add_argument("--backend-models", nargs="+", choices=("autosam", "light"), default=["autosam", "light"],
+                        help="models of the backend comparison (autosam light)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also torch.compile in the backend comparison (minutes of compilation per run)")
     parser.add_argument("--checkpoint", type=Path, help="g/h checkpoint (default: random weights, default config)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sam", default="litemedsam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"))
@@ -224,9 +323,14 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     batches = args.batch_sizes or ([16, 32, 64] if device.type == "cuda" else [1, 2, 4])
     print(f"hardware: {hardware()}")
-    with tempfile.TemporaryDirectory(prefix="vps-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vps-bench-") as tmp, \
+            mock.patch.dict(os.environ, {"VPS_CACHE_DIR": str(Path(tmp) / "cache")}):
         tmp = Path(tmp)
         checkpoint = args.checkpoint or random_checkpoint(tmp / "random.pt", args.sam)
+        if "baseline" in args.only:
+            baseline(args, tmp)
+        if "backends" in args.only:
+            backends(args, tmp)
         print(f"model: {'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'random weights, default config'}"
               f", SAM {args.sam}, device {device}")
 
@@ -246,8 +350,7 @@ def main(argv=None) -> int:
                     results[batch] = model_only_fps(eng, frames, batch)
                     row(f"engine model-only, batch {batch}", f"{results[batch]:.3f} f/s")
                 best = max(results, key=results.get)
-                eng = engine(model, device, args.precision)
-                e2e = end_to_end_fps(eng, video, frames, best, tmp)
+                e2e = end_to_end_fps(model, device, args.precision, video, best, tmp)
                 row(f"engine end to end (vps-segment), batch {best}", f"{e2e:.3f} f/s")
                 if plain:
                     row("  ratio end-to-end / plain loop", f"{e2e / plain:.2f}x", "target >= 1.5x")
@@ -267,8 +370,7 @@ def main(argv=None) -> int:
                 row(low, f"{half:.3f} f/s")
                 row(f"  ratio {low} / fp32", f"{half / fp32:.2f}x")
                 if low == "bf16":
-                    eng = engine(model, device, "bf16")
-                    row("bf16 end to end (vps-segment)", f"{end_to_end_fps(eng, video, frames, batch, tmp):.3f} f/s")
+                    row("bf16 end to end (vps-segment)", f"{end_to_end_fps(model, device, 'bf16', video, batch, tmp):.3f} f/s")
 
         if "light" in args.only:
             (tmp / "light").mkdir()
@@ -277,13 +379,17 @@ def main(argv=None) -> int:
             model = load(checkpoint, "light", args.sam)
             frames = decoded_frames(video)
             light_batches = [1, 4, 8] if device.type == "cpu" else batches
-            for precision in ("fp32", "bf16"):
-                rates = {b: model_only_fps(engine(model, device, precision), frames, b) for b in light_batches}
+            runs = [("eager", "fp32"), ("eager", "bf16")]
+            runs += [("openvino", "bf16")] if device.type == "cpu" and is_installed("openvino") else []
+            for backend, precision in runs:
+                rates = {b: model_only_fps(engine(model, device, precision, backend=backend), frames, b)
+                         for b in light_batches}
                 best = max(rates, key=rates.get)
-                e2e = end_to_end_fps(engine(model, device, precision), video, frames, best, tmp)
-                row(f"{precision} model-only, batch " + "/".join(map(str, rates)),
+                e2e = end_to_end_fps(model, device, precision, video, best, tmp, backend)
+                row(f"{backend} {precision} model-only, batch " + "/".join(map(str, rates)),
                     "/".join(f"{r:.1f}" for r in rates.values()) + " f/s")
-                row(f"{precision} end to end, batch {best}", f"{e2e:.1f} f/s", "goal 25 f/s at 384x288 on CPU")
+                row(f"{backend} {precision} end to end, batch {best}", f"{e2e:.1f} f/s",
+                    "goal 60 f/s at 384x288 on CPU")
 
         if "memory" in args.only:
             memory(args, checkpoint, tmp)

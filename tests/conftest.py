@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 import vps  # noqa: F401  (applies the torchvision compatibility fix before timm/segment_anything load)
+import vps.backends
 from vps.modeling import AutoSAM, LightModel, build_prompt_generator, build_surrogate, checkpoint_metadata, save_checkpoint
 from vps.modeling.build_sam import build_sam_vit
 
@@ -54,6 +57,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory) -> Path:
+    """Exported models (vps.backends) go to a temporary folder, shared by the session, never ~/.cache."""
+    folder = tmp_path_factory.mktemp("vps-cache")
+    saved = os.environ.get("VPS_CACHE_DIR")
+    os.environ["VPS_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("VPS_CACHE_DIR", None)
+    else:
+        os.environ["VPS_CACHE_DIR"] = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eager_by_default():
+    """``auto`` means torch eager in-process: exporting to OpenVINO for every small Segmenter would triple
+    the suite's time. tests/test_backends.py tests the other backends and ``auto``'s order itself."""
+    with mock.patch.object(vps.backends, "AUTO_ORDER", ("eager",)):
+        yield
 
 
 @pytest.fixture

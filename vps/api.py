@@ -16,6 +16,7 @@ yields. Errors are exceptions (ValueError, and its subclasses ``CheckpointError`
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 import vps.modeling as modeling
+from vps.backends import BackendError, auto_candidates, backend_precision, check_backend
 from vps.inference import ExponentialSmoother, SegmentationEngine, autocast_dtype, resolve_device, resolve_precision
 from vps.modeling import CheckpointError, LightModel
 from vps.video import Clip, FrameSource, Prefetcher, open_clip
@@ -122,6 +124,10 @@ class Segmenter:
         (LiteMedSAM's come installed).
       tile: stills (lists of frames of any sizes) larger than this side in pixels are segmented in
         overlapping tiles, blended (vps/tiling.py); None: each still whole at the model's input.
+      backend: what runs the network: ``auto`` (default: OpenVINO where installed and the device is a
+        CPU, else torch eager; see ``vps.backends.AUTO_ORDER``), ``eager``, ``openvino``, ``onnx`` (ONNX
+        Runtime, fp32) or ``compile`` (``torch.compile``, minutes of start-up). The exported backends
+        are built at construction, from an ONNX file cached under ~/.cache/vps.
 
     Any frame size works: frames are resized to the model's input on the device and the
     probabilities upsampled back to the frame's size. Raises ValueError (CheckpointError for a
@@ -131,10 +137,12 @@ class Segmenter:
     def __init__(self, checkpoint: Optional[str | Path] = None, model: str | nn.Module = "autosam",
                  device: str | torch.device = "auto", precision: str = "auto", batch_size: Optional[int] = None,
                  sam_backend: Optional[str] = None, sam_checkpoint: Optional[str | Path] = None,
-                 tile: Optional[int] = None) -> None:
+                 tile: Optional[int] = None, backend: str = "auto") -> None:
         self.device = resolve_device(str(device))
         self.precision = resolve_precision(precision, self.device)
         autocast_dtype(self.precision, self.device)  # an unknown or impossible precision fails before loading
+        if backend != "auto":  # likewise a backend that is not installed or cannot run here
+            check_backend(backend, self.device, backend_precision(backend, self.precision, precision))
         check_batch_size(batch_size)
         if isinstance(model, nn.Module):
             if checkpoint is not None or sam_backend is not None or sam_checkpoint is not None:
@@ -143,14 +151,16 @@ class Segmenter:
             network = model
         else:
             network = load_model(checkpoint, model, sam_backend, sam_checkpoint)
-        self.engine = SegmentationEngine(network, self.device, self.precision, tile=tile)
+        self.batch_size = batch_size or default_batch_size(network, self.device)
+        self.engine = build_engine(network, self.device, self.precision, precision, backend, self.batch_size, tile)
         self.model = self.engine.model
         self.class_names: Tuple[str, ...] = tuple(getattr(self.model, "class_names", ()))
-        self.batch_size = batch_size or default_batch_size(self.model, self.device)
+        self.backend = self.engine.backend
+        self.precision = self.engine.precision
 
     def __repr__(self) -> str:
-        return (f"Segmenter(model={type(self.model).__name__}, device={self.device}, precision={self.precision}, "
-                f"batch_size={self.batch_size})")
+        return (f"Segmenter(model={type(self.model).__name__}, device={self.device}, backend={self.backend}, "
+                f"precision={self.precision}, batch_size={self.batch_size})")
 
     def predict(self, frames, batch_size: Optional[int] = None) -> np.ndarray | List[np.ndarray]:
         """Probability maps of independent frames (no smoothing across them).
@@ -223,6 +233,33 @@ class Segmenter:
                 probabilities = smoother(probabilities)
             return probabilities.cpu().numpy()
         return [p.cpu().numpy() for p in self.engine.still_probabilities(frames)]
+
+
+def build_engine(network: nn.Module, device: torch.device, precision: str, requested_precision: str,
+                 backend: str, batch_size: int, tile: Optional[int] = None) -> SegmentationEngine:
+    """The engine of ``backend``, built and compiled for ``batch_size``. ``auto`` tries
+    ``auto_candidates`` in order: one that does not fit the model is skipped, one that fails to build
+    is skipped with a one-line warning; eager, last, always works. A named backend that cannot run or
+    fails to build is a BackendError."""
+    names = auto_candidates(device) if backend == "auto" else (backend,)
+    for name in names:
+        run_precision = backend_precision(name, precision, requested_precision)
+        try:
+            engine = SegmentationEngine(network, device, run_precision, tile=tile, backend=name)
+        except BackendError:
+            if backend == "auto" and name != "eager":
+                continue
+            raise
+        try:
+            engine.prepare(batch_size)
+        except Exception as error:  # export or compilation: many error types from many packages
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            if backend != "auto" or name == "eager":
+                raise BackendError(f"--backend {name} failed to build the model: {reason}") from error
+            warnings.warn(f"backend {name} failed to build the model ({reason}); trying the next one")
+            continue
+        return engine
+    raise BackendError("no backend could run the model")  # unreachable: eager is in every candidate list
 
 
 def check_batch_size(batch_size: Optional[int]) -> Optional[int]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vps.backends import build_runner, check_backend, check_input_size
 from vps.hardware import cpu_has_native_bf16
 from vps.modeling import AutoSAM, LightModel, PromptFreeSam
 from vps.tiling import tiled_logits
@@ -167,18 +168,27 @@ class SegmentationEngine:
       precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 on CUDA only).
       smooth: span of the exponential smoothing across frames (0 or 1: off).
       optimize: fold Conv+BN and use channels-last (see ``optimize_for_inference``); modifies ``model``.
-      resize_on_device: resize frames once to the model's input size before the model.
+      resize_on_device: resize frames once to the model's input size before the model (always, with a
+        backend other than eager).
       tile: stills larger than this side (pixels) are segmented in overlapping tiles (vps/tiling.py); None: whole.
+      backend: ``eager`` (torch), ``openvino``, ``onnx`` or ``compile`` (see ``vps.backends``); the others
+        run the model's fixed-size part and need a model with one input size.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
                  smooth: int = 0, optimize: bool = True, resize_on_device: bool = True,
-                 tile: Optional[int] = None) -> None:
+                 tile: Optional[int] = None, backend: str = "eager") -> None:
         self.device = torch.device(device)
         self.dtype = autocast_dtype(precision, self.device)
-        self.channels_last = optimize
+        check_backend(backend, self.device, precision)
+        check_input_size(backend, model_input_size(model))
+        self.backend = backend
+        self.precision = precision
         self.model = optimize_for_inference(model, self.device, channels_last=optimize, fuse=optimize)
-        self.input_size = model_input_size(model) if resize_on_device else None
+        self.runner = None if backend == "eager" else build_runner(backend, self.model, precision,
+                                                                   model_input_size(model))
+        self.channels_last = optimize and self.runner is None
+        self.input_size = model_input_size(model) if resize_on_device or self.runner is not None else None
         self.stills_size = stills_input_size(model)
         self.smoother = ExponentialSmoother(smooth)
         self.tile = tile
@@ -186,6 +196,12 @@ class SegmentationEngine:
     def reset(self) -> None:
         """Forget the smoothing state (call between clips)."""
         self.smoother.reset()
+
+    def prepare(self, batch_size: int) -> None:
+        """Export and compile the backend's model for ``batch_size`` frames now (eager: nothing), so that
+        its start-up cost and errors come before the first frame."""
+        if self.runner is not None:
+            self.runner.prepare(batch_size)
 
     def images(self, frames: torch.Tensor) -> torch.Tensor:
         """B x H x W x 3 uint8 (CPU, pinned on CUDA) -> B x 3 x h x w float in [0, 1] on the device."""
@@ -199,7 +215,9 @@ class SegmentationEngine:
     def _forward(self, images: torch.Tensor, size: Optional[tuple]) -> torch.Tensor:
         """B x 3 x h x w images -> B x K x h' x w' float32 logits (``size`` when given, else the model's own)."""
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            if isinstance(self.model, (AutoSAM, LightModel, PromptFreeSam)):
+            if self.runner is not None:
+                logits = self.runner(images)  # low-resolution; ``logits`` upsamples
+            elif isinstance(self.model, (AutoSAM, LightModel, PromptFreeSam)):
                 logits = self.model.low_res_logits(images) if size is None else self.model(images, output_size=size)
             else:
                 logits = self.model(images)

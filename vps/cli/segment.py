@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                      help="autocast precision; fp16 on CUDA only (default auto: bf16 on CUDA and on CPUs with "
                           "native bf16, AVX512-BF16 or AMX; fp32 on other CPUs)")
+    run.add_argument("--backend", choices=("auto", "eager", "openvino", "onnx", "compile"), default="auto",
+                     help="what runs the network (default auto: OpenVINO where installed, on a CPU, else torch "
+                          "eager); onnx: ONNX Runtime, fp32; compile: torch.compile, minutes of start-up")
     run.add_argument("--batch-size", type=int, default=None,
                      help="frames per model call (default: 32 on CUDA; on CPU 1 for autosam, 4 for light)")
     run.add_argument("--threshold", type=float, default=0.5, help="sigmoid threshold of binary masks (0.5)")
@@ -462,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     segmenter = Segmenter(checkpoint=args.checkpoint, model=args.model, device=device, precision=args.precision,
                           batch_size=args.batch_size, sam_backend=args.sam, sam_checkpoint=args.sam_checkpoint,
-                          tile=args.tile)
+                          tile=args.tile, backend=args.backend)
     totals = Totals()
     start = time.perf_counter()
     for clip, plan in mine:
@@ -472,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
     where = "; ".join(totals.written) if totals.clips <= 3 else "; ".join(totals.written[:3]) + "; ..."
     unit = "images" if args.stills else "frames"
     print(f"{prefix}: {totals.frames} {unit} from {totals.clips} {'folder' if args.stills else 'clip'}(s) in "
-          f"{seconds:.1f} s ({rate:.1f} {unit}/s) on {device}, {segmenter.precision}; {where}")
+          f"{seconds:.1f} s ({rate:.1f} {unit}/s) on {device}, {segmenter.backend}, {segmenter.precision}; {where}")
     return 0
 
 

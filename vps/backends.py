@@ -1,0 +1,252 @@
+"""Inference backends for the frozen network: torch eager, or the model exported and run by OpenVINO,
+ONNX Runtime or ``torch.compile``.
+
+A backend other than eager runs ``model.low_res_logits`` on frames already resized to the model's
+fixed input (B x 3 x S x S floats in [0, 1] -> B x 1 x 256 x 256 float32 logits); the engine does the
+rest (resize, upsampling, sigmoid, smoothing) in torch as before. The exported backends compile the
+network for a fixed batch; a smaller batch is padded, a larger one compiles once more.
+
+Start-up is cached under ``cache_root()``: the ONNX file (keyed by a hash of the weights and the
+versions of vps, torch and the exporter settings), and OpenVINO's compiled blobs (its ``CACHE_DIR``).
+See docs/segment.md, "Backends", for the measurements behind ``AUTO_ORDER``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a backend needs and runs.
+
+    package: the Python package it imports (None: torch alone).
+    extra: the pip extra that installs it (``pip install 'vps[EXTRA]'``).
+    precisions: the precisions it runs, the first being what ``auto`` falls back to.
+    devices: the torch device types it runs on.
+    """
+
+    name: str
+    package: Optional[str]
+    extra: Optional[str]
+    precisions: Tuple[str, ...]
+    devices: Tuple[str, ...]
+
+
+BACKENDS: Dict[str, BackendSpec] = {spec.name: spec for spec in (
+    BackendSpec("eager", None, None, ("fp32", "bf16", "fp16"), ("cpu", "cuda")),
+    BackendSpec("openvino", "openvino", "openvino", ("fp32", "bf16"), ("cpu",)),
+    BackendSpec("onnx", "onnxruntime", "onnx", ("fp32",), ("cpu",)),
+    BackendSpec("compile", None, None, ("fp32", "bf16", "fp16"), ("cpu", "cuda")),
+)}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+# ``auto`` takes the first of these that is installed, runs on the device and the model, and builds;
+# eager always does. Fastest first, as measured by scripts/bench_segment.py --only backends.
+# torch.compile is never picked by auto: its start-up takes minutes on a CPU.
+AUTO_ORDER = ("openvino", "eager")
+
+ONNX_OPSET = 17
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+
+
+class BackendError(ValueError):
+    """A backend that is not installed, does not fit the model, device or precision, or failed to build."""
+
+
+def cache_root() -> Path:
+    """Where exported models are cached: $VPS_CACHE_DIR, else $XDG_CACHE_HOME/vps, else ~/.cache/vps."""
+    if os.environ.get("VPS_CACHE_DIR"):
+        return Path(os.environ["VPS_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vps"
+
+
+def is_installed(name: str) -> bool:
+    package = BACKENDS[name].package
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def check_backend(name: str, device: torch.device, precision: str) -> None:
+    """A BackendError with a one-line reason when backend ``name`` cannot run on ``device`` in ``precision``."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend '{name}'; expected one of {', '.join(BACKEND_CHOICES)}")
+    spec = BACKENDS[name]
+    if not is_installed(name):
+        raise BackendError(f"--backend {name}: the {spec.package} package is not installed; "
+                           f"pip install 'vps[{spec.extra}]' (or use --backend eager)")
+    if device.type not in spec.devices:
+        raise BackendError(f"--backend {name} runs on {' or '.join(spec.devices)}, not {device.type}")
+    if precision not in spec.precisions:
+        raise BackendError(f"--backend {name} runs {' or '.join(spec.precisions)}, not {precision}")
+
+
+def check_input_size(name: str, input_size: Optional[int]) -> None:
+    """Backends other than eager run the model on frames resized once to its fixed input size."""
+    if name != "eager" and input_size is None:
+        raise BackendError(f"--backend {name} needs a model whose parts share one input size (LiteMedSAM "
+                           "AutoSAM or the light model); use --backend eager")
+
+
+def backend_precision(name: str, precision: str, requested: str) -> str:
+    """The precision backend ``name`` runs: ``precision`` (resolved), or, when the user asked for
+    ``auto`` and the backend cannot run it, the backend's own (ONNX Runtime: fp32)."""
+    spec = BACKENDS.get(name)
+    if spec is not None and requested == "auto" and precision not in spec.precisions:
+        return spec.precisions[0]
+    return precision
+
+
+def auto_candidates(device: torch.device) -> Tuple[str, ...]:
+    """The backends ``auto`` tries on ``device``, in order (eager last, always)."""
+    return tuple(name for name in AUTO_ORDER if device.type in BACKENDS[name].devices and is_installed(name))
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+class LowResLogits(nn.Module):
+    """The network as one function of the resized frames, for export: ``model.low_res_logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.low_res_logits(images)
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 of the model's parameters and buffers (names, shapes, dtypes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def onnx_cache_path(model: nn.Module, batch: int, input_size: int, cache_dir: Path) -> Path:
+    """The cached ONNX file of ``model`` at this batch and input size (the name holds every key)."""
+    import vps
+
+    key = hashlib.sha256(f"{weights_hash(model)} vps {vps.__version__} torch {torch.__version__} "
+                         f"opset {ONNX_OPSET}".encode()).hexdigest()[:20]
+    return cache_dir / "onnx" / f"{type(model).__name__}-b{batch}-{input_size}px-{key}.onnx"
+
+
+def export_onnx(model: nn.Module, batch: int, input_size: int, cache_dir: Path) -> Path:
+    """The model's ``low_res_logits`` as an ONNX file for a fixed batch, exported once and cached."""
+    path = onnx_cache_path(model, batch, input_size, cache_dir)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    example = torch.rand(batch, 3, input_size, input_size)
+    try:
+        # fp32 whatever the caller's autocast (a batch of a new size is built inside the engine's)
+        with warnings.catch_warnings(), torch.no_grad(), torch.autocast("cpu", enabled=False):
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks, fixed by the static shape
+            torch.onnx.export(LowResLogits(model).eval(), (example,), str(partial), dynamo=False,
+                              opset_version=ONNX_OPSET, input_names=["images"], output_names=["logits"])
+        os.replace(partial, path)  # atomic: a concurrent run never reads a half-written file
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+# ---- runners -----------------------------------------------------------------------------------
+
+Session = Callable[[np.ndarray], np.ndarray]
+
+
+class StaticBatchRunner:
+    """Runs sessions compiled for a fixed batch on batches of any size.
+
+    ``build(batch)`` returns a session for that batch (float32 NCHW array -> logits array). A batch is
+    run by the smallest session that holds it, padded with zeros; a larger batch builds a session.
+    """
+
+    def __init__(self, build: Callable[[int], Session]) -> None:
+        self.build = build
+        self.sessions: Dict[int, Session] = {}
+
+    def prepare(self, batch: int) -> None:
+        """Build the session for ``batch`` now (start-up cost and errors up front)."""
+        if batch not in self.sessions:
+            self.sessions[batch] = self.build(batch)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        count = len(images)
+        batch = min((size for size in self.sessions if size >= count), default=count)
+        self.prepare(batch)
+        array = images.detach().float().cpu().contiguous().numpy()
+        if count < batch:
+            array = np.concatenate([array, np.zeros((batch - count, *array.shape[1:]), array.dtype)])
+        return torch.from_numpy(np.array(self.sessions[batch](array)[:count], dtype=np.float32))
+
+
+def openvino_session(onnx_file: Path, precision: str, threads: int, cache_dir: Path) -> Session:
+    """An OpenVINO CPU session of an ONNX file: bf16 (AMX/AVX512-BF16) or f32 inference precision,
+    latency hint, ``threads`` threads; compiled blobs cached in ``cache_dir``."""
+    import openvino
+
+    core = openvino.Core()
+    core.set_property({"CACHE_DIR": str(cache_dir)})
+    compiled = core.compile_model(str(onnx_file), "CPU", {
+        "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": threads,
+    })
+    request = compiled.create_infer_request()
+    return lambda array: request.infer({0: array})[0]
+
+
+def onnxruntime_session(onnx_file: Path, threads: int) -> Session:
+    """An ONNX Runtime CPU session of an ONNX file (fp32), ``threads`` intra-op threads."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    return lambda array: session.run(None, {"images": array})[0]
+
+
+class CompiledRunner:
+    """``torch.compile`` (inductor, weights frozen) of ``model.low_res_logits``, under the engine's autocast."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.function = torch.compile(model.low_res_logits, options={"freezing": True})
+
+    def prepare(self, batch: int) -> None:
+        """Nothing up front: compilation happens at the first batch (minutes on a CPU)."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.function(images)
+
+
+def build_runner(name: str, model: nn.Module, precision: str, input_size: int,
+                 threads: Optional[int] = None, cache_dir: Optional[Path] = None):
+    """The runner of backend ``name`` (not eager) for ``model`` (eval mode, on the CPU for the exported
+    backends): callable on B x 3 x S x S images, with ``prepare(batch)``. Checked by ``check_backend``."""
+    threads = threads or torch.get_num_threads()
+    cache_dir = cache_dir or cache_root()
+    if name == "compile":
+        return CompiledRunner(model)
+    if name == "openvino":
+        def build(batch: int) -> Session:
+            onnx_file = export_onnx(model, batch, input_size, cache_dir)
+            return openvino_session(onnx_file, precision, threads, cache_dir / "openvino")
+    elif name == "onnx":
+        def build(batch: int) -> Session:
+            return onnxruntime_session(export_onnx(model, batch, input_size, cache_dir), threads)
+    else:
+        raise BackendError(f"no runner for backend '{name}'")
+    return StaticBatchRunner(build)
