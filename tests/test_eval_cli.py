@@ -263,14 +263,23 @@ def warning_lines(capsys):
     return [line for line in lines if line.startswith("vps-eval: warning: ")]
 
 
-def test_16_bit_predictions_holding_8_bit_values_are_read_as_8_bit(tmp_path, capsys):
+def write_16_bit_predictions(tmp_path, widen) -> dict:
+    """Clip ``c`` with ground truth, 8-bit predictions (``pred8``) and their 16-bit copies ``widen(image)``
+    (``pred16``); returns the 16-bit arrays by stem."""
     stems = ["1", "2", "3", "4"]
     write_frames(tmp_path / "gt" / "c", stems)
     write_frames(tmp_path / "pred8" / "c", stems, pred=True)
     (tmp_path / "pred16" / "c").mkdir(parents=True)
+    wide = {}
     for stem in stems:
         image = cv2.imread(str(tmp_path / "pred8" / "c" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE)
-        cv2.imwrite(str(tmp_path / "pred16" / "c" / f"{stem}.png"), image.astype(np.uint16))
+        wide[stem] = widen(image)
+        cv2.imwrite(str(tmp_path / "pred16" / "c" / f"{stem}.png"), wide[stem])
+    return wide
+
+
+def test_16_bit_predictions_holding_8_bit_values_are_read_as_8_bit(tmp_path, capsys):
+    write_16_bit_predictions(tmp_path, lambda image: image.astype(np.uint16))
     assert cv2.imread(str(tmp_path / "pred16" / "c" / "2.png"), cv2.IMREAD_GRAYSCALE).max() == 0  # what >> 8 gives
     eight = run_summary(tmp_path, tmp_path / "gt", tmp_path / "pred8", "o8")
     capsys.readouterr()
@@ -282,16 +291,10 @@ def test_16_bit_predictions_holding_8_bit_values_are_read_as_8_bit(tmp_path, cap
 
 
 def test_full_range_16_bit_predictions_are_scaled_like_the_toolbox(tmp_path, capsys):
-    stems = ["1", "2", "3", "4"]
-    write_frames(tmp_path / "gt" / "c", stems)
-    write_frames(tmp_path / "pred8" / "c", stems, pred=True)
-    (tmp_path / "pred16" / "c").mkdir(parents=True)
-    for stem in stems:
-        image = cv2.imread(str(tmp_path / "pred8" / "c" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE)
-        wide = image.astype(np.uint16) * 257 + 100  # 0..65535 range
-        cv2.imwrite(str(tmp_path / "pred16" / "c" / f"{stem}.png"), wide)
+    wide = write_16_bit_predictions(tmp_path, lambda image: image.astype(np.uint16) * 257 + 100)  # 0..65535 range
+    for stem, values in wide.items():
         # the toolbox's reader (cv2.IMREAD_GRAYSCALE) maps 16 to 8 bits by value >> 8
-        cv2.imwrite(str(tmp_path / "pred8" / "c" / f"{stem}.png"), (wide >> 8).astype(np.uint8))
+        cv2.imwrite(str(tmp_path / "pred8" / "c" / f"{stem}.png"), (values >> 8).astype(np.uint8))
     eight = run_summary(tmp_path, tmp_path / "gt", tmp_path / "pred8", "o8")
     sixteen = run_summary(tmp_path, tmp_path / "gt", tmp_path / "pred16", "o16")
     assert sixteen == eight
