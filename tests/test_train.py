@@ -199,3 +199,45 @@ def test_two_process_gloo_training(tmp_path):
     assert "trained model" in result.stdout
     payload = read_checkpoint(tmp_path / "run" / "model.pt")
     assert "surrogate" in payload
+
+
+def test_init_from_starts_g_and_h_from_a_trained_model(tmp_path):
+    data = write_clips(tmp_path / "data")
+    trained = train(tiny_config(data, tmp_path / "cache", epochs=1), tmp_path / "first")
+    start = read_checkpoint(trained)
+    config = tiny_config(data, tmp_path / "cache", epochs=1)
+    config["model"]["init_from"] = str(trained)
+    for stage in ("train_g", "train_h"):
+        config[stage]["lr"] = 1e-9  # one epoch moves nothing measurable: the weights show where training began
+    state = {}
+    for name in ("g", "h"):
+        train(config, tmp_path / "tuned", stages=(name,))
+        state[name] = torch.load(tmp_path / "tuned" / f"{name}_last.pt", weights_only=True)["module"]
+    for name, key in (("g", "prompt_generator"), ("h", "surrogate")):
+        # weights only: batch-norm running statistics move with every forward pass in training mode
+        assert all(torch.allclose(v, start[key][k], atol=1e-6) for k, v in state[name].items() if v.is_floating_point() and "running_" not in k)
+    del config["model"]["init_from"]  # the same near-zero step from a new g: far from the trained weights
+    train(config, tmp_path / "untrained", stages=("g",))
+    untrained = torch.load(tmp_path / "untrained" / "g_last.pt", weights_only=True)["module"]
+    assert not all(torch.allclose(v, start["prompt_generator"][k], atol=1e-3) for k, v in untrained.items()
+                   if v.is_floating_point() and "running_" not in k)
+    assert read_checkpoint(tmp_path / "tuned" / "model.pt")["meta"]["init_from"] == str(trained)
+
+
+def test_a_fine_tune_that_only_gets_worse_keeps_the_starting_model(tmp_path, monkeypatch, capsys):
+    import vps.train.trainer as trainer
+
+    data = write_clips(tmp_path / "data")
+    trained = train(tiny_config(data, tmp_path / "cache", epochs=1), tmp_path / "first", stages=("g",))
+    start = read_checkpoint(trained)["prompt_generator"]
+    scores = iter([0.9, 0.2, 0.3])  # before training, then after each epoch: never better than the start
+    real_evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda *args: (real_evaluate(*args)[0], next(scores), {}))
+    config = tiny_config(data, tmp_path / "cache", epochs=2)
+    config["model"]["init_from"] = str(trained)
+    train(config, tmp_path / "tuned", stages=("g",))
+    assert "g before training (model.init_from): validation Dice 0.9000" in capsys.readouterr().out
+    kept = read_checkpoint(tmp_path / "tuned" / "model.pt")["prompt_generator"]
+    moved = torch.load(tmp_path / "tuned" / "g_last.pt", weights_only=True)["module"]
+    assert all(torch.equal(v, start[k]) for k, v in kept.items())
+    assert not all(torch.equal(v, start[k]) for k, v in moved.items())

@@ -203,3 +203,18 @@ def test_train_image_sh_keeps_the_callers_folder(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "vps-train: error: train_h.epochs must be an integer >= 1, got 'abc'"]
+
+
+def test_init_from_errors_are_one_line_before_any_work(tmp_path, capsys):
+    config = tiny_config(tmp_path / "nodata", tmp_path / "cache")
+    config["model"]["init_from"] = None
+    config_file = write_config(tmp_path / "tiny.yaml", config)
+    assert main([str(config_file), f"model.init_from={tmp_path / 'missing.pt'}", "--out", str(tmp_path / "run")]) == 2
+    assert "checkpoint not found" in one_error_line(capsys)
+    # the built-in model is LiteMedSAM + EfficientNet-Lite0: a tiny vit_b config cannot start from it
+    assert main([str(config_file), "model.init_from=builtin", "--out", str(tmp_path / "run")]) == 2
+    assert "does not match the model" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+    config["model"].update(init_from="builtin", head={"type": "linear"})
+    with pytest.raises(ConfigError, match="cannot start from one"):
+        validate_config(config)

@@ -135,6 +135,7 @@ SCHEMA: Dict[str, Tuple[str, bool]] = {
     "model.sam": ("section", True),
     "model.sam.backend": ("backend", True),
     "model.sam.checkpoint": ("str?", False),
+    "model.init_from": ("str?", False),
     "model.head": ("section?", False),
     "model.head.type": ("head", True),
     "data": ("section", True),
@@ -211,6 +212,9 @@ def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError("the config is not a mapping of settings")
     config = copy.deepcopy(config)
+    if _lookup(config, "model.init_from") and head_type(config) != "autosam_g":
+        raise ConfigError("model.init_from starts AutoSAM's g (and h) from a trained checkpoint; a prompt-free "
+                          f"{head_type(config)} head cannot start from one: remove model.init_from")
     kind_schema = AUTOSAM_G_SCHEMA if head_type(config) == "autosam_g" else HEAD_SCHEMA
     for dotted, (kind, required) in {**SCHEMA, **kind_schema}.items():
         *parents, key = dotted.split(".")

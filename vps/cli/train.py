@@ -130,6 +130,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if args.resume:
             prepare_resume(out, config, stages, is_main)
+        if config["model"].get("init_from"):  # a wrong path or model fails here, before the data checks
+            from vps.modeling.build import initial_weights
+
+            initial_weights(config["model"]["init_from"], config["model"]["sam"]["backend"],
+                            config["model"]["prompt_generator"])
         verify_decodable(training_samples(config))
         from vps.train.trainer import train
 

@@ -215,7 +215,8 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _load_module(module: nn.Module, state: Dict[str, torch.Tensor], what: str, source: str) -> None:
+def load_weights(module: nn.Module, state: Dict[str, torch.Tensor], what: str, source: str) -> None:
+    """Load ``state`` into ``module`` (cast to the module's dtypes); a CheckpointError says what does not fit."""
     reference = module.state_dict()
     state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
     try:
@@ -246,12 +247,12 @@ def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Op
     if sam_backend is not None and sam_backend != meta["sam_backend"]:
         check_compatible(meta, sam_backend, generator_config, str(path))
     generator = build_prompt_generator(generator_config, pretrained_backbone=False)
-    _load_module(generator, payload["prompt_generator"], "prompt generator", str(path))
+    load_weights(generator, payload["prompt_generator"], "prompt generator", str(path))
     if model == "light":
         if "surrogate" not in payload:
             raise CheckpointError(f"{path} holds no surrogate decoder h; train stage 2 or use --model autosam")
         surrogate = build_surrogate(meta.get("surrogate"))
-        _load_module(surrogate, payload["surrogate"], "surrogate decoder", str(path))
+        load_weights(surrogate, payload["surrogate"], "surrogate decoder", str(path))
         return LightModel(generator, surrogate).eval()
     if sam is None:
         sam = build_sam(meta["sam_backend"], sam_checkpoint)
@@ -276,8 +277,21 @@ def _load_prompt_free(path: str | Path, payload: Dict[str, Any], model: str, sam
         sam = build_sam(meta["sam_backend"], sam_checkpoint)
     classes = meta.get("classes") or []
     head = build_head(meta["head"], sam, num_classes=max(1, len(classes)))
-    _load_module(head, payload["head"], f"{kind} head", str(path))
+    load_weights(head, payload["head"], f"{kind} head", str(path))
     return PromptFreeSam(sam, head, classes).eval()
+
+
+def initial_weights(path: str | Path, sam_backend: str, prompt_generator_config: Dict[str, Any]
+                    ) -> Dict[str, Dict[str, torch.Tensor]]:
+    """The g (and h, when present) weights of a trained AutoSAM checkpoint to start a training run from
+    (``model.init_from``); ``builtin`` names the shipped model. Refused, naming both sides, when the checkpoint was
+    trained for another SAM or another g."""
+    path = default_checkpoint_path() if str(path) == "builtin" else Path(path).expanduser()
+    payload = read_checkpoint(path)
+    if "prompt_generator" not in payload:
+        raise CheckpointError(f"model.init_from: {path} holds a prompt-free head, not AutoSAM's g")
+    check_compatible(payload["meta"], sam_backend, prompt_generator_config, str(path))
+    return {key: payload[key] for key in ("prompt_generator", "surrogate") if key in payload}
 
 
 def default_checkpoint_path() -> Path:

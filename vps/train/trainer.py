@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from vps.config import class_names, save_config
 from vps.inference import autocast_dtype, resolve_device, resolve_precision
 from vps.modeling import build_prompt_generator, build_sam, build_surrogate, checkpoint_metadata, save_checkpoint
-from vps.modeling.build import read_checkpoint
+from vps.modeling.build import initial_weights, load_weights, read_checkpoint
 from vps.modeling.build_head import build_head, head_settings
 from vps.progress import Progress
 from vps.train.augment import build_geometric, build_photometric
@@ -201,11 +201,14 @@ def run_stage(
     out_dir: Path,
     on_best: Callable[[], None],
     resume: bool,
+    starts_trained: bool = False,
 ) -> Dict[str, Any]:
     """Train ``trainable`` with Adam on BCE + Dice; checkpoint every epoch; call ``on_best`` on a new best.
 
     The state file ``<name>_last.pt`` (weights, optimiser, epoch, best score, RNG) is rewritten
     atomically after every epoch, so a run killed at any moment resumes losing at most one epoch.
+    ``starts_trained`` (weights from ``model.init_from``): the starting weights are validated first and count as
+    epoch 0, so a fine-tuning run that only makes the model worse keeps the model it started from.
     """
     optimizer = torch.optim.Adam(trainable.parameters(), lr=float(settings["lr"]),
                                  weight_decay=float(settings["weight_decay"]))
@@ -224,6 +227,14 @@ def run_stage(
             print(f"resuming stage {name} after epoch {start_epoch} of {total} (best validation Dice "
                   f"{best['dice']:.4f})" if start_epoch < total else
                   f"stage {name} already finished its {start_epoch} epochs; nothing to train")
+    elif starts_trained and val_loader is not None:
+        _, start_dice, by_source = evaluate(trainable, forward, val_loader, runtime)
+        if runtime.is_main:
+            best = {"dice": start_dice, "epoch": -1}
+            on_best()
+            per_source = "".join(f", {k} {v:.4f}" for k, v in by_source.items()) if len(by_source) > 1 else ""
+            print(f"{name} before training (model.init_from): validation Dice {start_dice:.4f}{per_source}",
+                  flush=True)
     model = DistributedDataParallel(trainable) if runtime.distributed else trainable
     epochs = int(settings["epochs"])
     last_plot = -math.inf
@@ -365,8 +376,11 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
     augment = config.get("augment", {})
     photometric, geometric = build_photometric(augment), build_geometric(augment)
     model_path = out_dir / MODEL_FILE
+    init_from = model_config.get("init_from")
     provenance = dict(trained_on=[str(r) for r in as_root_list(data_config["root"])], val_clips=val_groups,
-                      split_seed=split_seed, negatives=negatives or None, random_crop=crop or None)
+                      split_seed=split_seed, negatives=negatives or None, random_crop=crop or None,
+                      init_from=init_from)
+    initial = initial_weights(init_from, sam_backend, model_config["prompt_generator"]) if init_from else {}
 
     def loaders(settings: Dict[str, Any], train_set, val_set):
         return (_loader(train_set, int(settings["batch_size"]), runtime, True, workers, seed),
@@ -397,6 +411,8 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         train_set, val_set = _cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
                                               photometric, geometric, runtime)
         generator = build_prompt_generator(generator_config, embedding_size=sam.embedding_shape[-1]).to(runtime.device)
+        if "prompt_generator" in initial:
+            load_weights(generator, initial["prompt_generator"], "prompt generator", f"model.init_from {init_from}")
         metadata = checkpoint_metadata(generator_config, sam_backend, None, **provenance)
 
         def forward_g(g: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -405,7 +421,8 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
 
         settings = config["train_g"]
         run_stage("g", generator, forward_g, *loaders(settings, train_set, val_set),
-                  settings, runtime, out_dir, lambda: save_checkpoint(model_path, metadata, generator), resume)
+                  settings, runtime, out_dir, lambda: save_checkpoint(model_path, metadata, generator), resume,
+                  starts_trained="prompt_generator" in initial)
         runtime.barrier()
 
     if "h" in stages:
@@ -416,6 +433,8 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         generator.to(runtime.device).eval().requires_grad_(False)
         surrogate_config = model_config.get("surrogate", {})
         surrogate = build_surrogate(surrogate_config).to(runtime.device)
+        if "surrogate" in initial:
+            load_weights(surrogate, initial["surrogate"], "surrogate decoder", f"model.init_from {init_from}")
         metadata = {**payload["meta"], "surrogate": surrogate_config}
         train_set = SegmentationDataset(train_samples, image_size, mask_size, None, ["identity"], photometric, geometric)
         val_set = SegmentationDataset(val_samples, image_size, mask_size) if val_samples else None
@@ -428,5 +447,5 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         settings = config["train_h"]
         run_stage("h", surrogate, forward_h, *loaders(settings, train_set, val_set),
                   settings, runtime, out_dir, lambda: save_checkpoint(model_path, metadata, generator, surrogate),
-                  resume)
+                  resume, starts_trained="surrogate" in initial)
     return model_path
