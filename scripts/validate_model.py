@@ -23,25 +23,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import vps  # noqa: F401
 from vps.modeling import load_model_from_checkpoint, read_checkpoint
-from vps.modeling.autosam import upsample_logits
-from vps.modeling.prompts import prompted_logits
 from vps.train.cache import EmbeddingCache
-from vps.train.data import Sample, read_pair, split_sources
-from vps.train.negatives import NEGATIVE_SOURCE, polyp_free_crops
+from vps.train.data import Sample, read_pair
+from vps.train.negatives import NEGATIVE_SOURCE
+from vps.validation import (ModelMethod, PromptMethod, ValidationError, WindowEmbeddings, method_maps, relative_path,
+                            run_vps_eval, save_png, sources_are_stills, validation_samples)
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_DATA = [SHARED / "cvc-clinicdb-video", SHARED / "kvasir-seg"]
@@ -51,94 +48,36 @@ PROMPT_BASELINES = {"LiteMedSAM-GT-boxes": "gt_boxes", "LiteMedSAM-GT-points": "
                     "LiteMedSAM-GT-mask": "gt_mask", "LiteMedSAM-AutoSAM-mask": "autosam_mask"}
 
 
-def probability_map(logits: torch.Tensor) -> np.ndarray:
-    return np.round(torch.sigmoid(logits.float())[0, 0].numpy() * 255).astype(np.uint8)
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
-def is_stills(samples: List[Sample]) -> bool:
-    """Stills count as one clip each (group == image stem); clips group several frames."""
-    return all(s.group == s.image.stem for s in samples)
-
-
-def relative_path(sample: Sample, stills: bool) -> str:
-    return f"{sample.source}/{sample.image.stem}.png" if stills else f"{sample.source}/{sample.group}/{sample.image.stem}.png"
-
-
-def validation_samples(meta: dict, roots: List[Path]):
-    """(positive validation samples, polyp-free crops) exactly as the training run drew them."""
-    val_clips = meta.get("val_clips")
-    if not val_clips:
-        raise SystemExit("validate_model: the checkpoint names no validation clips")
-    _, val = split_sources(roots, val_clips, 0.0, int(meta.get("split_seed", 0)))
-    negatives = meta.get("negatives") or {}
-    crops = polyp_free_crops(val, float(negatives.get("val_fraction", 0.0)), float(negatives.get("min_side", 0.3)),
-                             int(meta.get("split_seed", 0))) if negatives else []
-    return val, crops
-
-
-def run_vps_eval(gt_root: Path, method_roots: List[Path], protocol: str, out_dir: Path) -> Dict[str, dict]:
-    arguments = ["--gt-root", str(gt_root), "--protocol", protocol, "--out-dir", str(out_dir), "--all",
-                 "--methods", *[str(m) for m in method_roots]]
-    print(" ".join(["vps-eval", *arguments]), flush=True)
-    # vps-eval of this interpreter's environment, whether or not its bin folder is on PATH
-    subprocess.run([sys.executable, "-m", "eval.cli", *arguments], check=True)
-    summary = json.loads((out_dir / "summary.json").read_text())
-    return summary if len(method_roots) > 1 else {method_roots[0].parent.name: summary}
-
-
 def write_maps(args: argparse.Namespace, positives: List[Sample], crops: List[Sample], methods: List[str]) -> None:
     """Probability maps of ``methods`` for the validation images (``<out>/<method>/<source>/...``), the
     ground truth beside them, and the share of polyp-free crops with output (``<out>/polyp_free.json``)."""
     autosam = load_model_from_checkpoint(args.checkpoint, "autosam")
     light = load_model_from_checkpoint(args.checkpoint, "light")
     sam = autosam.sam
-    cache = EmbeddingCache(args.cache_dir.expanduser(), sam.backend) if args.cache_dir else None
+    embed = WindowEmbeddings(sam, EmbeddingCache(args.cache_dir.expanduser(), sam.backend) if args.cache_dir else None)
+    models = [ModelMethod("AutoSAM", autosam), ModelMethod("Light-h(g(I))", light)]
+    prompted = [PromptMethod(method, sam, baseline, models[0])
+                for method, baseline in {"LiteMedSAM-GT-box": "gt_box", **PROMPT_BASELINES}.items() if method in methods]
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())
     stills = sources_are_stills(positives)
-    flagged = {method: [] for method in METHODS[:2]}
-    reused = 0
+    flagged = {method.name: [] for method in models}
     started = time.perf_counter()
     with torch.inference_mode(), autocast:
         for sample in tqdm(positives + crops, desc="validation images", unit="img"):
             image, mask = read_pair(sample)
-            frame = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
-            size = tuple(mask.shape)
-            embeddings = cache.get(EmbeddingCache.image_key(image), "identity") if cache else None
-            if embeddings is None:
-                embeddings = sam.encode(frame)
-                if cache is not None:  # a rerun (e.g. of another checkpoint) finds it
-                    cache.put(EmbeddingCache.image_key(image), "identity", embeddings[0])
-            else:
-                embeddings, reused = embeddings[None].float(), reused + 1
-            autosam_logits = autosam.low_res_logits(frame, embeddings)
-            maps = {"AutoSAM": probability_map(upsample_logits(autosam_logits, size)),
-                    "Light-h(g(I))": probability_map(light(frame, size))}
             if sample.source == NEGATIVE_SOURCE:
-                for method, array in maps.items():
+                for method, array in method_maps(image, mask, models, embed).items():
                     flagged[method].append(bool((array > 127).any()))  # some pixel with probability > 0.5
                 continue
-            for method, baseline in {"LiteMedSAM-GT-box": "gt_box", **PROMPT_BASELINES}.items():
-                if method in methods:
-                    logits = prompted_logits(sam, embeddings, baseline, [mask], autosam_logits)
-                    maps[method] = probability_map(upsample_logits(logits, size))
             name = relative_path(sample, stills[sample.source])
-            for method, array in maps.items():
+            for method, array in method_maps(image, mask, models + prompted, embed).items():
                 save_png(array, args.out / method / name)
             save_png(mask.astype(np.uint8) * 255, args.out / "gt" / name)
     print(f"{len(positives)} validation images and {len(crops)} polyp-free crops in {time.perf_counter() - started:.0f} s"
-          f" ({reused} SAM embeddings from the cache, the rest encoded here)")
+          f" ({embed.reused} SAM embeddings from the cache, the rest encoded here)")
     free = {m: float(np.mean(v)) if v else float("nan") for m, v in flagged.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "polyp_free.json").write_text(json.dumps({"crops": len(crops), **free}, indent=2) + "\n")
-
-
-def sources_are_stills(positives: List[Sample]) -> Dict[str, bool]:
-    return {source: is_stills([s for s in positives if s.source == source]) for source in {s.source for s in positives}}
 
 
 def report(args: argparse.Namespace, positives: List[Sample], methods: List[str]) -> None:
@@ -192,4 +131,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValidationError as error:  # no validation clips in the checkpoint, vps-eval failed: one line
+        raise SystemExit(f"validate_model: {error}") from None
