@@ -241,3 +241,47 @@ def test_a_fine_tune_that_only_gets_worse_keeps_the_starting_model(tmp_path, mon
     moved = torch.load(tmp_path / "tuned" / "g_last.pt", weights_only=True)["module"]
     assert all(torch.equal(v, start[k]) for k, v in kept.items())
     assert not all(torch.equal(v, start[k]) for k, v in moved.items())
+
+
+def _script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interpolating_a_fine_tune_scores_the_ends_as_the_runs_did(tmp_path, capsys):
+    interpolate_weights = _script("interpolate_weights")
+    data = write_clips(tmp_path / "data")
+    start = train(tiny_config(data, tmp_path / "cache", epochs=1), tmp_path / "first", stages=("g",))
+    capsys.readouterr()
+    config = tiny_config(data, tmp_path / "cache", epochs=1)
+    config["model"]["init_from"] = str(start)
+    config["train_g"]["lr"] = 3e-2
+    tuned_run = tmp_path / "tuned"
+    train(config, tuned_run, stages=("g",))
+    log = capsys.readouterr().out
+    start_score = float(log.split("g before training (model.init_from): validation Dice ")[1].split()[0])
+    tuned_score = float(log.split("g epoch 1/1: ")[1].split("validation Dice ")[1].split(",")[0])
+    out = tmp_path / "mixed" / "model.pt"
+    assert interpolate_weights.main(["--run", str(tuned_run), "--alphas", "0", "0.5", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    scores = {line.split()[1].rstrip(":"): float(line.split("validation score ")[1].split()[0])
+              for line in printed.splitlines() if line.startswith("alpha ")}
+    assert scores["0.00"] == pytest.approx(start_score, abs=1e-4)
+    # the run's model.pt holds its best g: the tuned one, or the start when tuning only made it worse
+    assert scores["1.00"] == pytest.approx(max(tuned_score, start_score), abs=1e-4)
+    mixed = read_checkpoint(out)
+    chosen = mixed["meta"]["interpolated"]["alpha"]
+    assert scores[f"{chosen:.2f}"] == max(scores.values())
+    half = interpolate_weights.interpolate(read_checkpoint(start)["prompt_generator"],
+                                           read_checkpoint(tuned_run / "model.pt")["prompt_generator"], 0.5)
+    key = next(k for k, v in half.items() if v.is_floating_point() and "running_" not in k)
+    ends = read_checkpoint(start)["prompt_generator"][key], read_checkpoint(tuned_run / "model.pt")["prompt_generator"][key]
+    assert torch.allclose(half[key], (ends[0] + ends[1]) / 2, atol=1e-6)
+    # never overwrites: a second run with the same --out is refused in one line
+    assert interpolate_weights.main(["--run", str(tuned_run), "--out", str(out)]) == 2
+    assert "never overwritten" in capsys.readouterr().err

@@ -332,6 +332,28 @@ def _cached_datasets(config: Dict[str, Any], train_samples, val_samples, sam, sa
     return train_set, val_set
 
 
+def split_samples(config: Dict[str, Any]):
+    """(training samples, validation samples, validation groups) of a config: the seeded split by clip or still,
+    then ``data.random_crop`` crops or ``data.negatives`` polyp-free crops. The same for every stage and script."""
+    data_config = config["data"]
+    split_seed = int(data_config.get("split_seed", 0))
+    train_samples, val_samples = split_sources(data_config["root"], data_config.get("val_clips"),
+                                               float(data_config.get("val_fraction", 0.2)), split_seed,
+                                               class_names(config))
+    val_groups = sorted({s.group for s in val_samples})
+    crop = data_config.get("random_crop") or {}
+    if crop:
+        train_samples, val_samples = (random_crops(part, int(crop["size"]), int(crop["per_image"]), split_seed)
+                                      for part in (train_samples, val_samples))
+    negatives = data_config.get("negatives") or {}
+    if negatives:
+        min_side = float(negatives.get("min_side", 0.3))
+        train_samples += polyp_free_crops(train_samples, float(negatives.get("train_fraction", 0.0)), min_side,
+                                          split_seed)
+        val_samples += polyp_free_crops(val_samples, float(negatives.get("val_fraction", 0.0)), min_side, split_seed)
+    return train_samples, val_samples, val_groups
+
+
 def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume: bool = False) -> Path:
     """Run the configured stages (``vps.config.training_stages``: g and h for AutoSAM, ``head`` for a prompt-free
     head); returns the path of the trained model (``<out_dir>/model.pt``)."""
@@ -344,19 +366,9 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
     data_config, model_config = config["data"], config["model"]
     split_seed = int(data_config.get("split_seed", 0))
     classes = class_names(config)
-    train_samples, val_samples = split_sources(data_config["root"], data_config.get("val_clips"),
-                                               float(data_config.get("val_fraction", 0.2)), split_seed, classes)
-    val_groups = sorted({s.group for s in val_samples})
     crop = data_config.get("random_crop") or {}
-    if crop:
-        train_samples, val_samples = (random_crops(part, int(crop["size"]), int(crop["per_image"]), split_seed)
-                                      for part in (train_samples, val_samples))
     negatives = data_config.get("negatives") or {}
-    if negatives:
-        min_side = float(negatives.get("min_side", 0.3))
-        train_samples += polyp_free_crops(train_samples, float(negatives.get("train_fraction", 0.0)), min_side,
-                                          split_seed)
-        val_samples += polyp_free_crops(val_samples, float(negatives.get("val_fraction", 0.0)), min_side, split_seed)
+    train_samples, val_samples, val_groups = split_samples(config)
     if runtime.is_main:
         for part, part_samples in (("training", train_samples), ("validation", val_samples)):
             counts = {}
