@@ -196,7 +196,7 @@ def test_bad_videos_fail_when_called(tmp_path, light):
 def test_defaults_follow_the_model_and_the_cpu(checkpoint, monkeypatch):
     monkeypatch.setattr("vps.hardware.cpu_flags", lambda: {"avx512f", "amx_bf16"})
     native = vps.Segmenter(checkpoint=checkpoint, model="light", device="cpu")
-    assert (native.precision, native.batch_size) == ("bf16", 4)
+    assert (native.precision, native.batch_size) == ("bf16", 8)
     monkeypatch.setattr("vps.hardware.cpu_flags", lambda: {"avx2"})
     assert vps.Segmenter(model=make_tiny_autosam(), device="cpu").precision == "fp32"
     assert vps.Segmenter(model=make_tiny_autosam(), device="cpu").batch_size == 1
