@@ -167,7 +167,7 @@ def method_maps(image: np.ndarray, mask: np.ndarray, methods: Sequence[MapMethod
     """
     height, width = mask.shape
     # the mask travels with the image as a fourth channel, so every window carries its own part of it
-    stacked = torch.cat([torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255,
+    stacked = torch.cat([torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255,
                          torch.from_numpy(np.asarray(mask, dtype=np.float32))[None]]).to(embed.sam.pixel_mean.device)
     needs_embedding = any(method.needs_embedding for method in methods)
 
