@@ -31,9 +31,7 @@ import vps  # noqa: F401
 from vps.config import load_config
 from vps.modeling import build_prompt_generator, build_sam, save_checkpoint
 from vps.modeling.build import initial_weights, load_weights, read_checkpoint
-from vps.train.cache import EmbeddingCache, sam_cache_id
-from vps.train.dataset import SegmentationDataset, fill_cache
-from vps.train.trainer import evaluate, seed_everything, setup_runtime, split_samples
+from vps.train.trainer import cached_datasets, evaluate, seed_everything, setup_runtime, split_samples
 
 
 def interpolate(start: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor], alpha: float
@@ -73,13 +71,7 @@ def main(argv: List[str] | None = None) -> int:
     seed_everything(int(config.get("runtime", {}).get("seed", 0)))  # as the trainer: a random test SAM is the same
     _, val_samples, _ = split_samples(config)
     sam = build_sam(backend, sam_checkpoint, **sam_config).to(runtime.device)
-    cache_config = config.get("cache", {})
-    cache = (EmbeddingCache(Path(cache_config["dir"]).expanduser(), sam_cache_id(backend, sam_checkpoint))
-             if cache_config.get("enabled") else None)
-    val_set = SegmentationDataset(val_samples, sam.image_size, int(config["data"].get("mask_size", 256)), cache)
-    if cache is not None:
-        with runtime.autocast():
-            fill_cache(val_set, sam, ["identity"], runtime.device)
+    _, val_set = cached_datasets(config, [], val_samples, sam, backend, sam_checkpoint, None, None, runtime)
     loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False)
     generator = build_prompt_generator(tuned["meta"]["prompt_generator"], pretrained_backbone=False).to(runtime.device)
 

@@ -308,7 +308,7 @@ def evaluate(trainable: nn.Module, forward, loader: DataLoader, runtime: Runtime
     return sum(losses) / len(dices), float(np.mean(list(by_source.values()))), by_source
 
 
-def _cached_datasets(config: Dict[str, Any], train_samples, val_samples, sam, sam_backend: str, sam_checkpoint,
+def cached_datasets(config: Dict[str, Any], train_samples, val_samples, sam, sam_backend: str, sam_checkpoint,
                      photometric, geometric, runtime: Runtime):
     """(training set, validation set or None) whose items carry SAM's embedding when ``cache.enabled``; the missing
     embeddings are computed first (sharded between distributed processes). Shared by every stage that runs SAM."""
@@ -408,7 +408,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
 
     if "head" in stages:
         settings_head = head_settings(model_config["head"])
-        train_set, val_set = _cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
+        train_set, val_set = cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
                                               photometric, geometric, runtime)
         head = build_head(settings_head, sam, num_classes=max(1, len(classes))).to(runtime.device)
         metadata = checkpoint_metadata(None, sam_backend, head=settings_head, classes=classes or None, **provenance)
@@ -420,7 +420,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
 
     if "g" in stages:
         generator_config = model_config["prompt_generator"]
-        train_set, val_set = _cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
+        train_set, val_set = cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
                                               photometric, geometric, runtime)
         generator = build_prompt_generator(generator_config, embedding_size=sam.embedding_shape[-1]).to(runtime.device)
         if "prompt_generator" in initial:
@@ -440,8 +440,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
     if "h" in stages:
         payload = read_checkpoint(model_path)
         generator = build_prompt_generator(payload["meta"]["prompt_generator"], pretrained_backbone=False)
-        generator.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                   for k, v in payload["prompt_generator"].items()})
+        load_weights(generator, payload["prompt_generator"], "prompt generator", str(model_path))
         generator.to(runtime.device).eval().requires_grad_(False)
         surrogate_config = model_config.get("surrogate", {})
         surrogate = build_surrogate(surrogate_config).to(runtime.device)
