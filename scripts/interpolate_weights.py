@@ -31,7 +31,7 @@ import vps  # noqa: F401
 from vps.config import load_config
 from vps.modeling import build_prompt_generator, build_sam, save_checkpoint
 from vps.modeling.build import initial_weights, load_weights, read_checkpoint
-from vps.train.trainer import cached_datasets, evaluate, seed_everything, setup_runtime, split_samples
+from vps.train.trainer import cached_datasets, dataset_image_size, evaluate, seed_everything, setup_runtime, split_samples
 
 
 def interpolate(start: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor], alpha: float
@@ -71,7 +71,8 @@ def main(argv: List[str] | None = None) -> int:
     seed_everything(int(config.get("runtime", {}).get("seed", 0)))  # as the trainer: a random test SAM is the same
     _, val_samples, _ = split_samples(config)
     sam = build_sam(backend, sam_checkpoint, **sam_config).to(runtime.device)
-    _, val_set = cached_datasets(config, [], val_samples, sam, backend, sam_checkpoint, None, None, runtime)
+    _, val_set = cached_datasets(config, [], val_samples, sam, backend, sam_checkpoint, None, None, runtime,
+                                 dataset_image_size(sam, tuned["meta"]["prompt_generator"].get("input_size")))
     loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False)
     generator = build_prompt_generator(tuned["meta"]["prompt_generator"], pretrained_backbone=False).to(runtime.device)
 

@@ -285,3 +285,25 @@ def test_interpolating_a_fine_tune_scores_the_ends_as_the_runs_did(tmp_path, cap
     # never overwrites: a second run with the same --out is refused in one line
     assert interpolate_weights.main(["--run", str(tuned_run), "--out", str(out)]) == 2
     assert "never overwritten" in capsys.readouterr().err
+
+
+def test_g_larger_than_sam_sees_images_at_its_own_size(tmp_path, monkeypatch):
+    """g's input (here 96) above SAM's (64), fine-tuned from a g trained at 64: g gets 96-pixel images in both
+    stages, never 64 upsampled, with the cache on (g stage) and the whole geometric recipe off the cache (h stage)."""
+    from vps.modeling.prompt_generator import PromptGenerator
+
+    data = write_clips(tmp_path / "data", clips=2, frames=3, size=(120, 100))
+    config = tiny_config(data, tmp_path / "cache", epochs=1)
+    config["data"]["val_clips"] = ["c1"]
+    start = train(config, tmp_path / "at64", stages=("g",))
+    config["model"]["init_from"] = str(start)  # the weights do not depend on the input size
+    config["model"]["prompt_generator"]["input_size"] = 96
+    config["data"]["val_clips"] = ["c1"]
+    config["augment"].update({"rotate": 30, "scale": [0.8, 1.2]})
+    seen_by_g = set()
+    g_forward = PromptGenerator.forward
+    monkeypatch.setattr(PromptGenerator, "forward",
+                        lambda self, images: seen_by_g.add(tuple(images.shape[-2:])) or g_forward(self, images))
+    model_path = train(config, tmp_path / "run")
+    assert seen_by_g == {(96, 96)}
+    assert read_checkpoint(model_path)["meta"]["prompt_generator"]["input_size"] == 96

@@ -160,3 +160,22 @@ def test_shrunk_copy_keeps_layout_stems_and_split_with_smaller_images(tmp_path, 
     assert shrink_main([str(stills), str(tmp_path / "small")]) == 2  # never writes into an existing folder
     assert shrink_main([str(stills), str(stills / "inside")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_geometric_draw_is_the_same_for_an_image_and_a_mask_of_another_size():
+    import torch.nn.functional as F
+    from vps.train.augment import build_geometric, geometric_pair
+
+    transform = build_geometric({"hflip": True, "vflip": True, "rotate": 90, "scale": [0.75, 1.25]})
+    torch.manual_seed(0)
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 10:30, 5:20] = 1
+    image = F.interpolate(mask[None].repeat(1, 3, 1, 1), size=(96, 96), mode="nearest")[0]
+    moved = 0
+    for _ in range(10):
+        image_out, mask_out = geometric_pair(transform, image, mask)
+        assert image_out.shape == (3, 96, 96) and mask_out.shape == (1, 64, 64)
+        image_as_mask = F.interpolate(image_out[None, :1], size=(64, 64), mode="area")[0] > 0.5
+        assert (image_as_mask != (mask_out > 0.5)).float().mean() < 0.02  # only edge pixels differ
+        moved += (mask_out != mask).float().mean() > 0.05
+    assert moved >= 5

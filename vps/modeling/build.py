@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -197,14 +197,16 @@ def read_checkpoint(path: str | Path) -> Dict[str, Any]:
 
 
 def check_compatible(meta: Dict[str, Any], sam_backend: str, prompt_generator_config: Optional[Dict[str, Any]],
-                     source: str) -> None:
-    """Raise a CheckpointError naming both sides when a checkpoint was trained for another SAM or backbone."""
+                     source: str, keys: Sequence[str] = ("backbone", "input_size", "out_indices", "decoder_channels")
+                     ) -> None:
+    """Raise a CheckpointError naming both sides when a checkpoint was trained for another SAM or backbone
+    (``keys``: the settings of g compared)."""
     mine = {**DEFAULT_PROMPT_GENERATOR, **(prompt_generator_config or {})}
     theirs = meta["prompt_generator"]
     problems = []
     if meta["sam_backend"] != sam_backend:
         problems.append(f"SAM backend: checkpoint '{meta['sam_backend']}', model '{sam_backend}'")
-    for key in ("backbone", "input_size", "out_indices", "decoder_channels"):
+    for key in keys:
         if list(map(str, _as_list(theirs.get(key)))) != list(map(str, _as_list(mine.get(key)))):
             problems.append(f"{key}: checkpoint {theirs.get(key)!r}, model {mine.get(key)!r}")
     if problems:
@@ -285,12 +287,14 @@ def initial_weights(path: str | Path, sam_backend: str, prompt_generator_config:
                     ) -> Dict[str, Dict[str, torch.Tensor]]:
     """The g (and h, when present) weights of a trained AutoSAM checkpoint to start a training run from
     (``model.init_from``); ``builtin`` names the shipped model. Refused, naming both sides, when the checkpoint was
-    trained for another SAM or another g."""
+    trained for another SAM or another g. g's input size may differ: its weights do not depend on it (a fine-tune
+    at a larger input, say)."""
     path = default_checkpoint_path() if str(path) == "builtin" else Path(path).expanduser()
     payload = read_checkpoint(path)
     if "prompt_generator" not in payload:
         raise CheckpointError(f"model.init_from: {path} holds a prompt-free head, not AutoSAM's g")
-    check_compatible(payload["meta"], sam_backend, prompt_generator_config, str(path))
+    check_compatible(payload["meta"], sam_backend, prompt_generator_config, str(path),
+                     keys=("backbone", "out_indices", "decoder_channels"))
     return {key: payload[key] for key in ("prompt_generator", "surrogate") if key in payload}
 
 

@@ -56,6 +56,15 @@ def build_geometric(config: Optional[Dict[str, Any]]) -> Optional[T.Transform]:
 
 
 def geometric_pair(transform: T.Transform, image: torch.Tensor, mask: torch.Tensor):
-    """Apply one random geometric draw to an image (3 x H x W) and its mask (1 x H x W) together."""
-    image_out, mask_out = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    """Apply one random geometric draw to an image (3 x H x W) and its mask (K x h x w) together.
+
+    torchvision transforms one sample at one size; a mask of another size than the image (g's input larger than
+    the loss's mask) gets the same draw by replaying the random state (the draws do not depend on the size)."""
+    if mask.shape[-2:] == image.shape[-2:]:
+        image_out, mask_out = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    else:
+        state = torch.get_rng_state()
+        image_out = transform(tv_tensors.Image(image))
+        torch.set_rng_state(state)
+        mask_out = transform(tv_tensors.Mask(mask))
     return image_out.as_subclass(torch.Tensor), mask_out.as_subclass(torch.Tensor)

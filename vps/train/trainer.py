@@ -308,12 +308,20 @@ def evaluate(trainable: nn.Module, forward, loader: DataLoader, runtime: Runtime
     return sum(losses) / len(dices), float(np.mean(list(by_source.values()))), by_source
 
 
+def dataset_image_size(sam, generator_input_size: Optional[int] = None) -> int:
+    """Side of the square images a dataset keeps: the larger of SAM's input and g's, so that neither network sees an
+    upsampled image (SAM resizes down to its own input, as at inference)."""
+    return max(int(sam.image_size), int(generator_input_size or 0))
+
+
 def cached_datasets(config: Dict[str, Any], train_samples, val_samples, sam, sam_backend: str, sam_checkpoint,
-                     photometric, geometric, runtime: Runtime):
+                    photometric, geometric, runtime: Runtime, image_size: Optional[int] = None):
     """(training set, validation set or None) whose items carry SAM's embedding when ``cache.enabled``; the missing
-    embeddings are computed first (sharded between distributed processes). Shared by every stage that runs SAM."""
+    embeddings are computed first (sharded between distributed processes). Shared by every stage that runs SAM.
+    ``image_size``: the side of the images the items carry (default SAM's input; ``dataset_image_size``)."""
     cache_config = config.get("cache", {})
-    image_size, mask_size = sam.image_size, int(config["data"].get("mask_size", 256))
+    image_size = image_size or sam.image_size
+    mask_size = int(config["data"].get("mask_size", 256))
     cache, views = None, ["identity"]
     if cache_config.get("enabled", False):
         cache = EmbeddingCache(Path(cache_config["dir"]).expanduser(), sam_cache_id(sam_backend, sam_checkpoint))
@@ -382,7 +390,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
     sam_config = dict(model_config["sam"])
     sam_backend, sam_checkpoint = sam_config.pop("backend"), sam_config.pop("checkpoint", None)
     sam = build_sam(sam_backend, sam_checkpoint, **sam_config).to(runtime.device)
-    image_size, mask_size = sam.image_size, int(data_config.get("mask_size", 256))
+    mask_size = int(data_config.get("mask_size", 256))
     workers = int(config.get("runtime", {}).get("num_workers", 0))
     seed = int(config.get("runtime", {}).get("seed", 0))
     augment = config.get("augment", {})
@@ -421,7 +429,8 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
     if "g" in stages:
         generator_config = model_config["prompt_generator"]
         train_set, val_set = cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
-                                              photometric, geometric, runtime)
+                                             photometric, geometric, runtime,
+                                             dataset_image_size(sam, generator_config.get("input_size")))
         generator = build_prompt_generator(generator_config, embedding_size=sam.embedding_shape[-1]).to(runtime.device)
         if "prompt_generator" in initial:
             load_weights(generator, initial["prompt_generator"], "prompt generator", f"model.init_from {init_from}")
@@ -447,6 +456,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         if "surrogate" in initial:
             load_weights(surrogate, initial["surrogate"], "surrogate decoder", f"model.init_from {init_from}")
         metadata = {**payload["meta"], "surrogate": surrogate_config}
+        image_size = dataset_image_size(sam, generator.input_size)
         train_set = SegmentationDataset(train_samples, image_size, mask_size, None, ["identity"], photometric, geometric)
         val_set = SegmentationDataset(val_samples, image_size, mask_size) if val_samples else None
 
