@@ -18,6 +18,7 @@ from pathlib import Path
 from eval.metrics import PAPER_COLUMNS, SUMMARY_KEYS
 from eval.protocol import (
     FRAMES_PER_PROCESS,
+    MAIN_PROCESS_THREADS,
     PROTOCOLS,
     ClipScores,
     WorkerDiedError,
@@ -76,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, help="write per_clip.csv, summary.json, curve plots and a cache")
     parser.add_argument("--all", action="store_true", help="print every metric, not only the six paper columns")
     parser.add_argument("--workers", type=positive_int,
-                        help="processes at most, at least 1: this one and workers - 1 spawned ones, one per "
-                             f"{FRAMES_PER_PROCESS} frames to score (default: the idle cores, those this process "
-                             "may use less the 1-minute load average)")
+                        help="parallel lanes at most, at least 1, one per "
+                             f"{FRAMES_PER_PROCESS} frames to score: {MAIN_PROCESS_THREADS} threads of this process, "
+                             f"then spawned processes (default: the idle cores, those this process may use less the "
+                             "1-minute load average)")
     return parser
 
 

@@ -18,7 +18,7 @@ import math
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ CACHE_VERSION = "2"  # 2: resized predictions are resized as uint8; gt_max and f
 FRAMES_PER_TASK = 8
 # starting a worker process costs about as much CPU as scoring this many frames: smaller jobs use fewer
 FRAMES_PER_PROCESS = 100
+MAIN_PROCESS_THREADS = 2  # this process's threads beside the spawned workers
 # per-frame input flags (ClipScores.flags): 16-bit images that held 8-bit values
 PRED_16BIT_AS_8BIT = 1
 GT_16BIT_AS_8BIT = 2
@@ -203,25 +204,36 @@ def _finished(pending: set) -> list:
     return [future.result() for future in done]
 
 
-def _share_tasks(executor, tasks, helpers: int):
+def _share_tasks(executor, tasks, helpers: int, threads: int = MAIN_PROCESS_THREADS):
     """Results of ``_score_task`` over ``tasks`` in completion order, from ``helpers`` worker
-    processes and from this process: each worker holds at most two tasks (one running, one
-    queued) and this process scores the next task itself whenever they are full, from the start
-    (while the workers are still starting up) to the end."""
-    pending = set()
-    for task in tasks:
-        yield from _finished(pending)
-        if len(pending) < 2 * helpers:
-            pending.add(executor.submit(_score_task, task))
-        else:
-            yield _score_task(task)
-    for future in as_completed(pending):
-        yield future.result()
+    processes and from ``threads`` threads of this process: each holds at most two tasks (one
+    running, one queued). This process scores from the start, while the workers are still
+    starting up, to the end; its threads overlap one task's decoding (OpenCV releases the GIL)
+    with another's scoring."""
+    remote, local = set(), set()
+    own = ThreadPoolExecutor(threads)
+    try:
+        for task in tasks:
+            while True:
+                yield from _finished(remote)
+                yield from _finished(local)
+                if len(remote) < 2 * helpers:
+                    remote.add(executor.submit(_score_task, task))
+                    break
+                if len(local) < 2 * threads:
+                    local.add(own.submit(_score_task, task))
+                    break
+                wait(remote | local, return_when=FIRST_COMPLETED)
+        for future in as_completed(remote | local):
+            yield future.result()
+    finally:
+        own.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_tasks(tasks, workers: int):
-    """Results of ``_score_task`` over ``tasks`` in completion order, in ``workers`` processes:
-    this one and ``workers - 1`` spawned workers.
+    """Results of ``_score_task`` over ``tasks`` in completion order, in ``workers`` lanes: up to
+    MAIN_PROCESS_THREADS threads of this process (nothing to start: on a small job a spawned
+    process costs as much as it saves), then ``workers - MAIN_PROCESS_THREADS`` spawned processes.
 
     A worker that dies (SIGKILL from the OOM killer, a crash) raises WorkerDiedError instead of
     hanging; an exception in a task (e.g. an unreadable image) is raised as it is. Either way the
@@ -230,12 +242,18 @@ def _run_tasks(tasks, workers: int):
     if workers <= 1:
         yield from map(_score_task, tasks)
         return
+    threads = min(MAIN_PROCESS_THREADS, workers)
+    helpers = workers - threads
+    if helpers == 0:
+        with _opencv_threads(1):
+            yield from _share_tasks(None, tasks, 0, threads)
+        return
     # spawn, not fork: a fork after OpenCV's thread pool has run can deadlock the children
     context = multiprocessing.get_context("spawn")
-    executor = ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_init_worker)
+    executor = ProcessPoolExecutor(helpers, mp_context=context, initializer=_init_worker)
     try:
         with _opencv_threads(1):
-            yield from _share_tasks(executor, tasks, workers - 1)
+            yield from _share_tasks(executor, tasks, helpers, threads)
     except BrokenProcessPool as error:
         raise WorkerDiedError(
             "a worker process died (killed, e.g. out of memory): finished clips are cached in --out-dir, "
@@ -266,8 +284,8 @@ def score_clips(
 ) -> list[ClipScores]:
     """Score the protocol's frames of every clip, reusing cached clips; returns clips in input order.
 
-    workers: processes at most (this one and workers - 1 spawned ones), one per FRAMES_PER_PROCESS
-    frames to score.
+    workers: parallel lanes at most, one per FRAMES_PER_PROCESS frames to score: up to
+    MAIN_PROCESS_THREADS threads of this process, then spawned processes.
 
     Clips left without frames (video clips of at most two frames) are skipped with a warning; input
     oddities (16-bit images holding 8-bit values, ground truth without a value above 128) are warned

@@ -102,11 +102,12 @@ def test_unreadable_image(tmp_path, capsys):
     assert "cannot read image" in error_line(capsys)
 
 
-def test_unreadable_image_in_worker_process(tmp_path, capsys, eval_workers_for_few_frames):
+@pytest.mark.parametrize("workers", ["2", "3"])  # in a thread of this process; in a spawned worker
+def test_unreadable_image_in_worker_process(tmp_path, capsys, eval_workers_for_few_frames, workers):
     write_frames(tmp_path / "gt" / "c", ["1", "2", "3"])
     write_frames(tmp_path / "pred" / "c", ["1", "2", "3"], pred=True)
     (tmp_path / "gt" / "c" / "2.png").write_bytes(b"")
-    assert main(["--gt-root", str(tmp_path / "gt"), "--pred-root", str(tmp_path / "pred"), "--workers", "2"]) == 2
+    assert main(["--gt-root", str(tmp_path / "gt"), "--pred-root", str(tmp_path / "pred"), "--workers", workers]) == 2
     assert "cannot read image" in error_line(capsys)
 
 

@@ -82,9 +82,12 @@ def test_parallel_equals_serial_and_cache_is_reused(tmp_path, eval_workers_for_f
     clips = find_gt_clips(tmp_path / "gt")
     match_predictions(clips, tmp_path / "pred")
     serial = score_clips(clips, "video", workers=1, cache_dir=tmp_path / "cache")
-    parallel = score_clips(clips, "video", workers=2)
-    for a, b in zip(serial, parallel):
-        np.testing.assert_array_equal(a.scalars, b.scalars)
+    for workers in (2, 3):  # two threads of this process; and a spawned worker beside them
+        parallel = score_clips(clips, "video", workers=workers)
+        assert [c.name for c in parallel] == [c.name for c in serial]
+        for a, b in zip(serial, parallel):
+            np.testing.assert_array_equal(a.scalars, b.scalars)
+            np.testing.assert_array_equal(a.curves, b.curves)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
     # a cached clip is read back, not recomputed: poison the cache and see it returned
     cached = np.load(tmp_path / "cache" / "clip0.npz")
@@ -92,6 +95,32 @@ def test_parallel_equals_serial_and_cache_is_reused(tmp_path, eval_workers_for_f
     np.savez(tmp_path / "cache" / "clip0.npz", **{**poisoned, "scalars": cached["scalars"] + 1})
     again = score_clips(clips, "video", cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again[0].scalars, serial[0].scalars + 1)
+
+
+def test_two_lanes_are_threads_of_this_process(tmp_path, monkeypatch, eval_workers_for_few_frames):
+    import threading
+    import time
+
+    import eval.protocol
+
+    for c in range(2):
+        write_clip(tmp_path, f"clip{c}", 20)
+    clips = find_gt_clips(tmp_path / "gt")
+    match_predictions(clips, tmp_path / "pred")
+    score_task, threads = eval.protocol._score_task, set()
+
+    def recording_task(task):
+        threads.add(threading.get_ident())
+        time.sleep(0.05)  # tiny frames score in microseconds: keep a task running while the next is submitted
+        return score_task(task)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker process was started for two lanes")
+
+    monkeypatch.setattr(eval.protocol, "ProcessPoolExecutor", no_pool)
+    monkeypatch.setattr(eval.protocol, "_score_task", recording_task)
+    scored = score_clips(clips, "video", workers=2)
+    assert [c.n_frames for c in scored] == [18, 18] and len(threads) == 2
 
 
 def test_small_jobs_start_no_worker_process(tmp_path, monkeypatch):
@@ -170,7 +199,7 @@ def test_killed_worker_stops_with_one_line_and_keeps_finished_clips(tmp_path, mo
     # the main process submits _kill_on_clip_two; spawned workers import it from this module
     monkeypatch.setattr(eval.protocol, "_score_task", _kill_on_clip_two)
     args = ["--gt-root", str(tmp_path / "gt"), "--pred-root", str(tmp_path / "pred"), "--out-dir", str(out)]
-    assert main(args + ["--workers", "2"]) == 1
+    assert main(args + ["--workers", "3"]) == 1  # two threads here, one spawned worker
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vps-eval: error: a worker process died"), err
     assert sorted(p.name for p in cache.glob("*.npz")) == ["c1.npz"]
