@@ -122,9 +122,9 @@ def main() -> None:
     methods = METHODS + (list(PROMPT_BASELINES) if args.prompt_baselines else [])
 
     meta = read_checkpoint(args.split_from or args.checkpoint)["meta"]
-    positives, crops = validation_samples(meta, args.data)
     if args.eval_only and not (args.out / "polyp_free.json").is_file():
         raise SystemExit(f"validate_model: --eval-only needs the maps of an earlier run in {args.out}")
+    positives, crops = validation_samples(meta, args.data, with_crops=not args.eval_only)
     if not args.eval_only:
         write_maps(args, positives, crops, methods)
     report(args, positives, methods)

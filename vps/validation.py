@@ -58,15 +58,16 @@ def relative_path(sample: Sample, stills: bool) -> str:
     return f"{sample.source}/{sample.image.stem}.png" if stills else f"{sample.source}/{sample.group}/{sample.image.stem}.png"
 
 
-def validation_samples(meta: dict, roots: Sequence[Path]):
-    """(positive validation samples, polyp-free crops) exactly as the training run of a checkpoint drew them."""
+def validation_samples(meta: dict, roots: Sequence[Path], with_crops: bool = True):
+    """(positive validation samples, polyp-free crops) exactly as the training run of a checkpoint drew them;
+    ``with_crops=False`` skips finding the crops (each reads a mask) and gives none."""
     val_clips = meta.get("val_clips")
     if not val_clips:
         raise ValidationError("the checkpoint names no validation clips")
     _, val = split_sources(list(roots), val_clips, 0.0, int(meta.get("split_seed", 0)))
     negatives = meta.get("negatives") or {}
     crops = polyp_free_crops(val, float(negatives.get("val_fraction", 0.0)), float(negatives.get("min_side", 0.3)),
-                             int(meta.get("split_seed", 0))) if negatives else []
+                             int(meta.get("split_seed", 0))) if negatives and with_crops else []
     return val, crops
 
 
