@@ -39,6 +39,17 @@ def test_engine_without_optimisations_matches_the_loop(tiny_light, frames):
     assert difference.max() <= 1 and difference.float().mean() < 0.01
 
 
+def test_cpu_resizes_frames_as_uint8_within_a_level_of_the_float_resize(tiny_light):
+    from vps.inference import resize_images
+
+    frames = torch.from_numpy(moving_disc(4, 384, 288))  # real frame size, shrunk to the model's 64
+    engine = SegmentationEngine(copy.deepcopy(tiny_light), "cpu", "fp32")
+    got = engine.images(frames)
+    reference = resize_images(frames.permute(0, 3, 1, 2).float() / 255, engine.input_size)
+    assert got.shape == reference.shape == (4, 3, engine.input_size, engine.input_size)
+    assert (got - reference).abs().max() <= 1 / 255 + 1e-6
+
+
 def test_bf16_is_close_to_fp32(tiny_light, frames):
     fp32 = SegmentationEngine(copy.deepcopy(tiny_light), "cpu", "fp32")(frames)
     bf16 = SegmentationEngine(copy.deepcopy(tiny_light), "cpu", "bf16")(frames)
