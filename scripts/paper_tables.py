@@ -199,15 +199,6 @@ def base_config(args: argparse.Namespace) -> dict:
     return validate_config(apply_overrides(load_config(args.autosam_config), settings))
 
 
-def training_split(config: dict) -> Tuple[list, list]:
-    from vps.config import class_names
-    from vps.train.data import split_sources
-
-    data = config["data"]
-    return split_sources(data["root"], data.get("val_clips"), float(data.get("val_fraction", 0.2)),
-                         int(data.get("split_seed", 0)), class_names(config))
-
-
 def subset_folder(runs: Path, samples: list, count: int, seed: int, dry_run: bool) -> Path:
     """A stills folder (images/ + masks/, links to the originals) holding ``samples``; made once, named by its files."""
     names = sorted(str(s.image) for s in samples)
@@ -231,6 +222,8 @@ def subset_folder(runs: Path, samples: list, count: int, seed: int, dry_run: boo
 
 def plan_runs(args: argparse.Namespace, rows: Sequence[str]) -> Dict[Tuple[str, str], Run]:
     """{(run kind, count): Run} for every run the table's rows need; count is "all" except in label-efficiency."""
+    from vps.train.trainer import split_images
+
     autosam_config, head_config = args.autosam_config, args.head_config
     dataset = "polyps" if args.table == "polyps" else "monuseg"
     roots = [str(root) for root in args.train]
@@ -241,7 +234,7 @@ def plan_runs(args: argparse.Namespace, rows: Sequence[str]) -> Dict[Tuple[str, 
     runs: Dict[Tuple[str, str], Run] = {}
     base = base_config(args)
     seed = int(base["data"].get("split_seed", 0))
-    train_samples, val_samples = training_split(base) if args.table == "label-efficiency" else ([], [])
+    train_samples, val_samples = split_images(base) if args.table == "label-efficiency" else ([], [])
     args.counts_used = {"all": len(train_samples)}
     for count in counts:
         data = [override("data.root", root_value)]
@@ -331,6 +324,7 @@ def test_sets(args: argparse.Namespace, runs: Dict[Tuple[str, str], Run]) -> Lis
     config before any run has finished)."""
     from vps.modeling import read_checkpoint
     from vps.train.data import discover_samples
+    from vps.train.trainer import split_images
     from vps.validation import sources_are_stills, validation_samples
 
     if args.table != "polyps":
@@ -346,7 +340,7 @@ def test_sets(args: argparse.Namespace, runs: Dict[Tuple[str, str], Run]) -> Lis
     if splits:
         positives, _ = validation_samples(next(iter(splits.values())), args.train)
     else:  # before training: the split the runs will draw
-        positives = training_split(next(iter(runs.values())).config if runs else base_config(args))[1]
+        positives = split_images(next(iter(runs.values())).config if runs else base_config(args))[1]
     tile = args.tile or None
     return [make_test_set(f"polyps-{source}", [s for s in positives if s.source == source], tile, args.runs)
             for source in sorted(sources_are_stills(positives))]

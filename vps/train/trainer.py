@@ -340,14 +340,19 @@ def cached_datasets(config: Dict[str, Any], train_samples, val_samples, sam, sam
     return train_set, val_set
 
 
+def split_images(config: Dict[str, Any]):
+    """(training samples, validation samples) of a config's whole images: the seeded split by clip or still."""
+    data_config = config["data"]
+    return split_sources(data_config["root"], data_config.get("val_clips"), float(data_config.get("val_fraction", 0.2)),
+                         int(data_config.get("split_seed", 0)), class_names(config))
+
+
 def split_samples(config: Dict[str, Any]):
-    """(training samples, validation samples, validation groups) of a config: the seeded split by clip or still,
-    then ``data.random_crop`` crops or ``data.negatives`` polyp-free crops. The same for every stage and script."""
+    """(training samples, validation samples, validation groups) of a config: ``split_images``, then
+    ``data.random_crop`` crops or ``data.negatives`` polyp-free crops. The same for every stage and script."""
     data_config = config["data"]
     split_seed = int(data_config.get("split_seed", 0))
-    train_samples, val_samples = split_sources(data_config["root"], data_config.get("val_clips"),
-                                               float(data_config.get("val_fraction", 0.2)), split_seed,
-                                               class_names(config))
+    train_samples, val_samples = split_images(config)
     val_groups = sorted({s.group for s in val_samples})
     crop = data_config.get("random_crop") or {}
     if crop:
