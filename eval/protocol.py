@@ -263,15 +263,33 @@ def _run_tasks(tasks, workers: int):
         executor.shutdown(wait=True, cancel_futures=True)
 
 
+def other_runnable_now() -> int | None:
+    """Tasks runnable at this moment besides this process's own threads (``/proc/loadavg`` less the
+    running threads in ``/proc/self/task``: numpy's threads spin for a while after an import), None
+    where unknown."""
+    try:
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        own = sum((task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+                  for task in Path("/proc/self/task").iterdir())
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - own)
+
+
 def idle_cores() -> int:
-    """The cores this process may use (taskset, cpusets) less the 1-minute load average, at least 1:
-    on a machine busy with other jobs more processes only add their start-up cost."""
+    """The cores this process may use (taskset, cpusets) less the busy ones, at least 1: on a
+    machine busy with other jobs more lanes only compete with them. Busy: the 1-minute load
+    average, or the tasks runnable right now where fewer (a job that just ended still weighs on
+    the average for a minute or two)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, round(cores - load))
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    now = other_runnable_now()
+    if now is not None:
+        busy = min(busy, now)
+    return max(1, round(cores - busy))
 
 
 def score_clips(

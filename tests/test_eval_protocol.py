@@ -137,15 +137,28 @@ def test_small_jobs_start_no_worker_process(tmp_path, monkeypatch):
     assert [c.n_frames for c in score_clips(clips, "video", workers=8)] == [4]
 
 
-@pytest.mark.parametrize("load, expected", [(0.0, 8), (2.6, 5), (7.9, 1), (30.0, 1)])
-def test_default_workers_are_the_idle_cores(monkeypatch, load, expected):
+@pytest.mark.parametrize("load, runnable, expected", [
+    (0.0, None, 8), (2.6, None, 5), (7.9, None, 1), (30.0, None, 1),
+    (2.6, 0, 8),  # the average still counts a job that has ended: nothing else runs now
+    (7.9, 3, 5), (2.6, 6, 5),  # the fewer of the two counts
+])
+def test_default_workers_are_the_idle_cores(monkeypatch, load, runnable, expected):
     import os
 
+    import eval.protocol
     from eval.protocol import idle_cores
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(eval.protocol, "other_runnable_now", lambda: runnable)
     assert idle_cores() == expected
+
+
+def test_runnable_tasks_are_read_from_proc():
+    from eval.protocol import other_runnable_now
+
+    now = other_runnable_now()
+    assert now is None or now >= 0
 
 
 def test_cache_key_changes_with_files_and_protocol(tmp_path):
