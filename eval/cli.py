@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=positive_int,
                         help="parallel lanes at most, at least 1, one per "
                              f"{FRAMES_PER_PROCESS} frames to score: {MAIN_PROCESS_THREADS} threads of this process, "
-                             f"then spawned processes (default: the idle cores, those this process may use less the "
-                             "1-minute load average)")
+                             "then spawned processes (default: the idle cores, those this process may use less the "
+                             "1-minute load average or, where fewer, the tasks runnable now)")
     return parser
 
 

@@ -204,7 +204,7 @@ def _finished(pending: set) -> list:
     return [future.result() for future in done]
 
 
-def _share_tasks(executor, tasks, helpers: int, threads: int = MAIN_PROCESS_THREADS):
+def _share_tasks(executor, tasks, helpers: int, threads: int):
     """Results of ``_score_task`` over ``tasks`` in completion order, from ``helpers`` worker
     processes and from ``threads`` threads of this process: each holds at most two tasks (one
     running, one queued). This process scores from the start, while the workers are still

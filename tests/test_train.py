@@ -298,7 +298,6 @@ def test_g_larger_than_sam_sees_images_at_its_own_size(tmp_path, monkeypatch):
     start = train(config, tmp_path / "at64", stages=("g",))
     config["model"]["init_from"] = str(start)  # the weights do not depend on the input size
     config["model"]["prompt_generator"]["input_size"] = 96
-    config["data"]["val_clips"] = ["c1"]
     config["augment"].update({"rotate": 30, "scale": [0.8, 1.2]})
     seen_by_g = set()
     g_forward = PromptGenerator.forward
