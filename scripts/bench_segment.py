@@ -8,7 +8,8 @@ Measures (same clip, model and precision on both sides of each ratio):
   baseline `vps-segment` with default options (built-in model, default backend and precision), the whole
            process as a user runs it, model start-up included, with an empty and with a filled export
            cache / a plain fp32 per-frame loop of LiteMedSAM's image encoder alone (decode every frame
-           first, then the encoder on one 256 x 256 frame at a time), on --baseline-frames frames
+           first, then the encoder on one 256 x 256 frame at a time), on --baseline-frames frames; and
+           the defaults without AutoSAM's box refinement (its cost)
   backends each backend (eager, OpenVINO, ONNX Runtime; torch.compile with --compile) on the built-in
            model: start-up (export + compile, then from the cache), model-only frames/s at the default
            batch, and its probabilities against eager fp32 on real frames (mean |dp|, Dice at 0.5)
@@ -221,11 +222,12 @@ def plain_encoder_fps(video: Path) -> float:
     return len(frames) / (time.perf_counter() - start)
 
 
-def vps_segment_seconds(video: Path, out: Path, cache: Path) -> float:
-    """Wall time of the whole ``vps-segment`` process with default options (export cache in ``cache``)."""
+def vps_segment_seconds(video: Path, out: Path, cache: Path, *options: str) -> float:
+    """Wall time of the whole ``vps-segment`` process with default options and ``options`` (export cache in
+    ``cache``)."""
     start = time.perf_counter()
-    subprocess.run([*vps_segment_command(), str(video), "--out", str(out), "--overwrite", "--quiet"], check=True,
-                   env={**os.environ, "VPS_CACHE_DIR": str(cache)})
+    subprocess.run([*vps_segment_command(), str(video), "--out", str(out), "--overwrite", "--quiet", *options],
+                   check=True, env={**os.environ, "VPS_CACHE_DIR": str(cache)})
     return time.perf_counter() - start
 
 
@@ -242,6 +244,9 @@ def baseline(args: argparse.Namespace, tmp: Path) -> None:
         seconds = vps_segment_seconds(video, tmp / "baseline" / "masks.mp4", cache)
         row(f"vps-segment defaults, whole process, cache {state}", f"{count / seconds:.3f} f/s",
             f"{seconds:.0f} s for {count} frames; {count / seconds / plain:.2f}x the baseline (target 3x, goal 5x)")
+    unrefined = vps_segment_seconds(video, tmp / "baseline" / "masks.mp4", cache, "--no-box-refinement")
+    row("  the same without the box refinement, cache filled", f"{count / unrefined:.3f} f/s",
+        f"{unrefined:.0f} s; the refinement's cost: the defaults take {seconds / unrefined:.2f}x its time")
 
 
 def backend_runs(args: argparse.Namespace) -> list:

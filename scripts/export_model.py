@@ -17,9 +17,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="training output folder (holds model.pt and log_*.csv)")
     parser.add_argument("out", type=Path)
+    parser.add_argument("--box-refinement", action=argparse.BooleanOptionalAction, default=None,
+                        help="AutoSAM's box refinement at inference (default: the run's setting, model.box_refinement)")
     args = parser.parse_args()
     payload = read_checkpoint(args.run / "model.pt")
     meta = dict(payload["meta"])
+    if args.box_refinement is not None:
+        meta["box_refinement"] = args.box_refinement
     for stage in ("g", "h"):
         log = args.run / f"log_{stage}.csv"
         if log.is_file():

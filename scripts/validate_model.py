@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import vps  # noqa: F401
-from vps.modeling import load_model_from_checkpoint, read_checkpoint
+from vps.modeling import AutoSAM, load_model_from_checkpoint, read_checkpoint
 from vps.train.cache import EmbeddingCache
 from vps.train.data import Sample, read_pair
 from vps.train.negatives import NEGATIVE_SOURCE
@@ -43,6 +43,7 @@ from vps.validation import (ModelMethod, PromptMethod, ValidationError, WindowEm
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_DATA = [SHARED / "cvc-clinicdb-video", SHARED / "kvasir-seg"]
 METHODS = ["AutoSAM", "Light-h(g(I))", "LiteMedSAM-GT-box"]
+FIRST_PASS = "AutoSAM-first-pass"  # a model with box refinement (MODEL_CARD.md): its output before the refinement
 # --prompt-baselines: the AutoSAM paper's other SAM references (vps/modeling/prompts.py), method -> baseline
 PROMPT_BASELINES = {"LiteMedSAM-GT-boxes": "gt_boxes", "LiteMedSAM-GT-points": "gt_points",
                     "LiteMedSAM-GT-mask": "gt_mask", "LiteMedSAM-AutoSAM-mask": "autosam_mask"}
@@ -56,6 +57,8 @@ def write_maps(args: argparse.Namespace, positives: List[Sample], crops: List[Sa
     sam = autosam.sam
     embed = WindowEmbeddings(sam, EmbeddingCache(args.cache_dir.expanduser(), sam.backend) if args.cache_dir else None)
     models = [ModelMethod("AutoSAM", autosam), ModelMethod("Light-h(g(I))", light)]
+    if autosam.box_refinement:  # the same g and SAM without the second pass, beside it
+        models.append(ModelMethod(FIRST_PASS, AutoSAM(sam, autosam.prompt_generator, box_refinement=False)))
     prompted = [PromptMethod(method, sam, baseline, models[0])
                 for method, baseline in {"LiteMedSAM-GT-box": "gt_box", **PROMPT_BASELINES}.items() if method in methods]
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())
@@ -119,9 +122,9 @@ def main() -> None:
     parser.add_argument("--eval-only", action="store_true",
                         help="score the maps an earlier run of this command left in --out (no model run)")
     args = parser.parse_args()
-    methods = METHODS + (list(PROMPT_BASELINES) if args.prompt_baselines else [])
-
     meta = read_checkpoint(args.split_from or args.checkpoint)["meta"]
+    refines = read_checkpoint(args.checkpoint)["meta"].get("box_refinement", False)
+    methods = METHODS + ([FIRST_PASS] if refines else []) + (list(PROMPT_BASELINES) if args.prompt_baselines else [])
     if args.eval_only and not (args.out / "polyp_free.json").is_file():
         raise SystemExit(f"validate_model: --eval-only needs the maps of an earlier run in {args.out}")
     positives, crops = validation_samples(meta, args.data, with_crops=not args.eval_only)

@@ -19,7 +19,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -113,15 +113,22 @@ def auto_candidates(device: torch.device) -> Tuple[str, ...]:
 # ---- export ------------------------------------------------------------------------------------
 
 
+def refines_with_boxes(model: nn.Module) -> bool:
+    """AutoSAM with box refinement: its second pass needs connected components (scipy), which no exported graph
+    holds, so the backends run its first pass and ``RefiningRunner`` the rest in torch."""
+    return bool(getattr(model, "box_refinement", False))
+
+
 class LowResLogits(nn.Module):
-    """The network as one function of the resized frames, for export: ``model.low_res_logits``."""
+    """The network as one function of the resized frames, for export: ``model.low_res_logits``, or for a model that
+    refines with boxes its ``first_pass`` (two outputs: logits and image embeddings)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.low_res_logits(images)
+    def forward(self, images: torch.Tensor):
+        return self.model.first_pass(images) if refines_with_boxes(self.model) else self.model.low_res_logits(images)
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -139,7 +146,8 @@ def onnx_cache_path(model: nn.Module, batch: int, input_size: int, cache_dir: Pa
 
     key = hashlib.sha256(f"{weights_hash(model)} vps {vps.__version__} torch {torch.__version__} "
                          f"opset {ONNX_OPSET}".encode()).hexdigest()[:20]
-    return cache_dir / "onnx" / f"{type(model).__name__}-b{batch}-{input_size}px-{key}.onnx"
+    part = "-first-pass" if refines_with_boxes(model) else ""
+    return cache_dir / "onnx" / f"{type(model).__name__}{part}-b{batch}-{input_size}px-{key}.onnx"
 
 
 def export_onnx(model: nn.Module, batch: int, input_size: int, cache_dir: Path) -> Path:
@@ -154,8 +162,9 @@ def export_onnx(model: nn.Module, batch: int, input_size: int, cache_dir: Path) 
         # fp32 whatever the caller's autocast (a batch of a new size is built inside the engine's)
         with warnings.catch_warnings(), torch.no_grad(), torch.autocast("cpu", enabled=False):
             warnings.simplefilter("ignore")  # tracer warnings about shape checks, fixed by the static shape
+            outputs = ["logits", "embeddings"] if refines_with_boxes(model) else ["logits"]
             torch.onnx.export(LowResLogits(model).eval(), (example,), str(partial), dynamo=False,
-                              opset_version=ONNX_OPSET, input_names=["images"], output_names=["logits"])
+                              opset_version=ONNX_OPSET, input_names=["images"], output_names=outputs)
         os.replace(partial, path)  # atomic: a concurrent run never reads a half-written file
     finally:
         partial.unlink(missing_ok=True)
@@ -164,14 +173,15 @@ def export_onnx(model: nn.Module, batch: int, input_size: int, cache_dir: Path) 
 
 # ---- runners -----------------------------------------------------------------------------------
 
-Session = Callable[[np.ndarray], np.ndarray]
+Session = Callable[[np.ndarray], Sequence[np.ndarray]]  # an input batch -> every output of the graph
 
 
 class StaticBatchRunner:
     """Runs sessions compiled for a fixed batch on batches of any size.
 
-    ``build(batch)`` returns a session for that batch (float32 NCHW array -> logits array). A batch is
-    run by the smallest session that holds it, padded with zeros; a larger batch builds a session.
+    ``build(batch)`` returns a session for that batch (float32 NCHW array -> the graph's output arrays). A batch is
+    run by the smallest session that holds it, padded with zeros; a larger batch builds a session. Returns the
+    one output as a tensor, or a tuple of tensors for a graph with several.
     """
 
     def __init__(self, build: Callable[[int], Session]) -> None:
@@ -190,7 +200,25 @@ class StaticBatchRunner:
         array = images.detach().float().cpu().contiguous().numpy()
         if count < batch:
             array = np.concatenate([array, np.zeros((batch - count, *array.shape[1:]), array.dtype)])
-        return torch.from_numpy(np.array(self.sessions[batch](array)[:count], dtype=np.float32))
+        outputs = tuple(torch.from_numpy(np.array(output[:count], dtype=np.float32))
+                        for output in self.sessions[batch](array))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+class RefiningRunner:
+    """A runner of AutoSAM's first pass (logits, embeddings) followed by its box refinement in torch."""
+
+    def __init__(self, runner, model: nn.Module) -> None:
+        self.runner = runner
+        self.model = model
+
+    def prepare(self, batch: int) -> None:
+        self.runner.prepare(batch)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        logits, embeddings = self.runner(images)
+        device = self.model.sam.pixel_mean.device
+        return self.model.refine_with_boxes(embeddings.to(device), logits.to(device))
 
 
 def openvino_session(onnx_file: Path, precision: str, threads: int, cache_dir: Path) -> Session:
@@ -206,7 +234,12 @@ def openvino_session(onnx_file: Path, precision: str, threads: int, cache_dir: P
         "INFERENCE_NUM_THREADS": threads,
     })
     request = compiled.create_infer_request()
-    return lambda array: request.infer({0: array})[0]
+
+    def run(array: np.ndarray) -> List[np.ndarray]:
+        results = request.infer({0: array})
+        return [results[output] for output in compiled.outputs]
+
+    return run
 
 
 def onnxruntime_session(onnx_file: Path, threads: int) -> Session:
@@ -216,14 +249,16 @@ def onnxruntime_session(onnx_file: Path, threads: int) -> Session:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
-    return lambda array: session.run(None, {"images": array})[0]
+    return lambda array: session.run(None, {"images": array})
 
 
 class CompiledRunner:
-    """``torch.compile`` (inductor, weights frozen) of ``model.low_res_logits``, under the engine's autocast."""
+    """``torch.compile`` (inductor, weights frozen) of ``model.low_res_logits`` (of ``first_pass`` for a model that
+    refines with boxes), under the engine's autocast."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.function = torch.compile(model.low_res_logits, options={"freezing": True})
+        function = model.first_pass if refines_with_boxes(model) else model.low_res_logits
+        self.function = torch.compile(function, options={"freezing": True})
 
     def prepare(self, batch: int) -> None:
         """Nothing up front: compilation happens at the first batch (minutes on a CPU)."""
@@ -236,8 +271,13 @@ def build_runner(name: str, model: nn.Module, precision: str, input_size: int,
                  threads: Optional[int] = None, cache_dir: Optional[Path] = None):
     """The runner of backend ``name`` (not eager) for ``model`` (eval mode, on the CPU for the exported
     backends): callable on B x 3 x S x S images, with ``prepare(batch)``. Checked by ``check_backend``."""
-    threads = threads or torch.get_num_threads()
-    cache_dir = cache_dir or cache_root()
+    runner = _first_runner(name, model, precision, input_size, threads or torch.get_num_threads(),
+                           cache_dir or cache_root())
+    return RefiningRunner(runner, model) if refines_with_boxes(model) else runner
+
+
+def _first_runner(name: str, model: nn.Module, precision: str, input_size: int, threads: int, cache_dir: Path):
+    """The runner of the exported (or compiled) part: ``LowResLogits`` of the model."""
     if name == "compile":
         return CompiledRunner(model)
     if name == "openvino":

@@ -172,6 +172,7 @@ SCHEMA: Dict[str, Tuple[str, bool]] = {
 AUTOSAM_G_SCHEMA: Dict[str, Tuple[str, bool]] = {
     "model.prompt_generator": ("section", True),
     "model.surrogate": ("section?", False),
+    "model.box_refinement": ("bool", False),
     "train_g": ("section", True),
     **{f"train_g.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
     "train_h": ("section", True),

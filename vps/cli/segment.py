@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--sam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"),
                        help="SAM backend (default: the checkpoint's)")
     model.add_argument("--sam-checkpoint", type=Path, help="weights of SAM vit_* (LiteMedSAM's are installed)")
+    model.add_argument("--box-refinement", action=argparse.BooleanOptionalAction, default=None,
+                       help="AutoSAM: decode again with the box of each part of the first mask as SAM's prompt and "
+                            "average the two (default: the checkpoint's setting; on for the built-in model)")
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -465,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     segmenter = Segmenter(checkpoint=args.checkpoint, model=args.model, device=device, precision=args.precision,
                           batch_size=args.batch_size, sam_backend=args.sam, sam_checkpoint=args.sam_checkpoint,
-                          tile=args.tile, backend=args.backend)
+                          tile=args.tile, backend=args.backend, box_refinement=args.box_refinement)
     totals = Totals()
     start = time.perf_counter()
     for clip, plan in mine:

@@ -9,8 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vps.modeling.prompt_generator import PromptGenerator
+from vps.modeling.prompts import largest_component_boxes
 from vps.modeling.sam import FrozenSam
 from vps.modeling.surrogate import SurrogateDecoder
+
+# box refinement: components of the first mask refined per image (the largest; a model's stray speckle must not
+# cost hundreds of decoder passes), and box prompts decoded per call
+REFINED_COMPONENTS = 4
+REFINED_MIN_AREA = 32  # pixels of the 256 x 256 first mask (0.05 %): smaller specks are not refined
+BOX_CHUNK = 64
 
 
 def upsample_logits(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -25,12 +32,19 @@ class AutoSAM(nn.Module):
 
     The sparse prompt is empty, g's output is the dense prompt, SAM gives a single mask. SAM is
     frozen; only g has trainable parameters.
+
+    ``box_refinement``: SAM's mask decoder runs a second time on the same image embedding, prompted the way
+    LiteMedSAM was trained: with the bounding box of each connected component of the first mask (pixels above
+    0.5; the ``REFINED_COMPONENTS`` largest with at least ``REFINED_MIN_AREA`` pixels), one prompt per component,
+    the masks united; the output is the mean of the two passes' logits. An image with no such component keeps its
+    first pass. Inference only: g is trained on the first pass.
     """
 
-    def __init__(self, sam: FrozenSam, prompt_generator: PromptGenerator) -> None:
+    def __init__(self, sam: FrozenSam, prompt_generator: PromptGenerator, box_refinement: bool = False) -> None:
         super().__init__()
         self.sam = sam
         self.prompt_generator = prompt_generator
+        self.box_refinement = box_refinement
 
     def low_res_logits(self, images: torch.Tensor, image_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
@@ -40,10 +54,41 @@ class AutoSAM(nn.Module):
         Returns:
           B x 1 x 256 x 256 mask logits.
         """
+        logits, image_embeddings = self.first_pass(images, image_embeddings)
+        return self.refine_with_boxes(image_embeddings, logits) if self.box_refinement else logits
+
+    def first_pass(self, images: torch.Tensor, image_embeddings: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """g's dense prompt into SAM: (B x 1 x 256 x 256 mask logits, B x 256 x 64 x 64 image embeddings)."""
         if image_embeddings is None:
             image_embeddings = self.sam.encode(images)
         prompt = self.prompt_generator(images)
-        return self.sam.decode(image_embeddings.to(prompt.dtype), prompt)
+        image_embeddings = image_embeddings.to(prompt.dtype)
+        return self.sam.decode(image_embeddings, prompt), image_embeddings
+
+    def refine_with_boxes(self, image_embeddings: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The box refinement (class docstring) of first-pass logits.
+
+        Arguments:
+          image_embeddings: B x 256 x 64 x 64.
+          logits: B x 1 x 256 x 256 first-pass mask logits.
+        Returns:
+          B x 1 x 256 x 256 logits, float32.
+        """
+        logits = logits.float()
+        masks = (logits[:, 0] > 0).cpu().numpy()
+        boxes = [largest_component_boxes(mask, self.sam.image_size, REFINED_COMPONENTS, REFINED_MIN_AREA) for mask in masks]
+        owners = torch.cat([torch.full((len(b),), i, dtype=torch.int64) for i, b in enumerate(boxes)]).to(logits.device)
+        if len(owners) == 0:
+            return logits
+        boxes = torch.cat(boxes).to(logits.device)
+        boxed = torch.cat([self.sam.decode_with_prompts(image_embeddings[owners[start:start + BOX_CHUNK]],
+                                                        boxes=boxes[start:start + BOX_CHUNK]).float()
+                           for start in range(0, len(boxes), BOX_CHUNK)])
+        united = torch.full_like(logits, float("-inf")).scatter_reduce_(
+            0, owners[:, None, None, None].expand_as(boxed), boxed, "amax")
+        found = torch.zeros(len(logits), dtype=torch.bool, device=logits.device).index_fill_(0, owners, True)
+        return torch.where(found[:, None, None, None], (logits + united) / 2, logits)
 
     def forward(self, images: torch.Tensor, output_size: Optional[Tuple[int, int]] = None,
                 image_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
