@@ -110,6 +110,7 @@ def test_exported_backends_run_the_first_pass_and_refine_like_eager(backend):
     eager = vps.Segmenter(model=refining_tiny_autosam(), backend="eager", precision="fp32").predict(frames)
     exported = vps.Segmenter(model=refining_tiny_autosam(), backend=backend, precision="fp32", batch_size=2)
     assert exported.backend == backend
+    assert exported.engine.runner.box_session is not None  # the second pass runs in the backend too
     assert np.abs(exported.predict(frames) - eager).max() < 1e-4
     plain = vps.Segmenter(model=make_tiny_autosam(), backend="eager", precision="fp32").predict(frames)
     assert np.abs(plain - eager).max() > 1e-3  # the refinement changed something

@@ -153,18 +153,43 @@ def onnx_cache_path(model: nn.Module, batch: int, input_size: int, cache_dir: Pa
 def export_onnx(model: nn.Module, batch: int, input_size: int, cache_dir: Path) -> Path:
     """The model's ``low_res_logits`` as an ONNX file for a fixed batch, exported once and cached."""
     path = onnx_cache_path(model, batch, input_size, cache_dir)
+    outputs = ["logits", "embeddings"] if refines_with_boxes(model) else ["logits"]
+    return _export_cached(path, LowResLogits(model), (torch.rand(batch, 3, input_size, input_size),), ["images"],
+                          outputs)
+
+
+class BoxDecoder(nn.Module):
+    """SAM's decoding from one box prompt per image, for export (the second pass of AutoSAM's box refinement):
+    B x 256 x 64 x 64 embeddings, B x 4 boxes -> B x 1 x 256 x 256 logits."""
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.sam = sam
+
+    def forward(self, image_embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return self.sam.decode_with_prompts(image_embeddings, boxes=boxes)
+
+
+def export_box_decoder(sam: nn.Module, cache_dir: Path) -> Path:
+    """SAM's box decoder (``BoxDecoder``) for one box as an ONNX file, exported once and cached."""
+    path = onnx_cache_path(BoxDecoder(sam), 1, sam.image_size, cache_dir)
+    examples = (torch.rand(1, *sam.embedding_shape), torch.tensor([[10.0, 20.0, 30.0, 40.0]]))
+    return _export_cached(path, BoxDecoder(sam), examples, ["embeddings", "boxes"], ["logits"])
+
+
+def _export_cached(path: Path, module: nn.Module, examples: Tuple[torch.Tensor, ...], inputs: List[str],
+                   outputs: List[str]) -> Path:
+    """``module`` exported to ONNX at ``path`` with fixed input shapes, unless the file exists."""
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    example = torch.rand(batch, 3, input_size, input_size)
     try:
         # fp32 whatever the caller's autocast (a batch of a new size is built inside the engine's)
         with warnings.catch_warnings(), torch.no_grad(), torch.autocast("cpu", enabled=False):
             warnings.simplefilter("ignore")  # tracer warnings about shape checks, fixed by the static shape
-            outputs = ["logits", "embeddings"] if refines_with_boxes(model) else ["logits"]
-            torch.onnx.export(LowResLogits(model).eval(), (example,), str(partial), dynamo=False,
-                              opset_version=ONNX_OPSET, input_names=["images"], output_names=outputs)
+            torch.onnx.export(module.eval(), examples, str(partial), dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=inputs, output_names=outputs)
         os.replace(partial, path)  # atomic: a concurrent run never reads a half-written file
     finally:
         partial.unlink(missing_ok=True)
@@ -173,7 +198,7 @@ def export_onnx(model: nn.Module, batch: int, input_size: int, cache_dir: Path) 
 
 # ---- runners -----------------------------------------------------------------------------------
 
-Session = Callable[[np.ndarray], Sequence[np.ndarray]]  # an input batch -> every output of the graph
+Session = Callable[..., Sequence[np.ndarray]]  # the graph's input arrays -> every output of the graph
 
 
 class StaticBatchRunner:
@@ -206,19 +231,37 @@ class StaticBatchRunner:
 
 
 class RefiningRunner:
-    """A runner of AutoSAM's first pass (logits, embeddings) followed by its box refinement in torch."""
+    """A runner of AutoSAM's first pass (logits, embeddings) followed by its box refinement: the boxes in torch, their
+    decoding by ``build_box_session()`` (a session of ``BoxDecoder`` for one box, built at ``prepare``), or by
+    torch when that is None."""
 
-    def __init__(self, runner, model: nn.Module) -> None:
+    def __init__(self, runner, model: nn.Module, build_box_session: Optional[Callable[[], Session]] = None) -> None:
         self.runner = runner
         self.model = model
+        self.build_box_session = build_box_session
+        self.box_session: Optional[Session] = None
 
     def prepare(self, batch: int) -> None:
         self.runner.prepare(batch)
+        self._prepare_boxes()
+
+    def _prepare_boxes(self) -> None:
+        if self.build_box_session is not None and self.box_session is None:
+            self.box_session = self.build_box_session()
+
+    def decode_boxes(self, image_embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """N x 256 x 64 x 64 embeddings, N x 4 boxes -> N x 1 x 256 x 256 logits, one box per session call."""
+        embeddings = image_embeddings.detach().float().cpu().numpy()
+        corners = boxes.detach().float().cpu().numpy()
+        logits = [self.box_session(embeddings[i:i + 1], corners[i:i + 1])[0] for i in range(len(corners))]
+        return torch.from_numpy(np.concatenate(logits).astype(np.float32)).to(image_embeddings.device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         logits, embeddings = self.runner(images)
         device = self.model.sam.pixel_mean.device
-        return self.model.refine_with_boxes(embeddings.to(device), logits.to(device))
+        self._prepare_boxes()
+        decode = self.decode_boxes if self.box_session is not None else None
+        return self.model.refine_with_boxes(embeddings.to(device), logits.to(device), decode)
 
 
 def openvino_session(onnx_file: Path, precision: str, threads: int, cache_dir: Path) -> Session:
@@ -235,8 +278,8 @@ def openvino_session(onnx_file: Path, precision: str, threads: int, cache_dir: P
     })
     request = compiled.create_infer_request()
 
-    def run(array: np.ndarray) -> List[np.ndarray]:
-        results = request.infer({0: array})
+    def run(*arrays: np.ndarray) -> List[np.ndarray]:
+        results = request.infer(dict(enumerate(arrays)))
         return [results[output] for output in compiled.outputs]
 
     return run
@@ -249,7 +292,8 @@ def onnxruntime_session(onnx_file: Path, threads: int) -> Session:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
-    return lambda array: session.run(None, {"images": array})
+    names = [given.name for given in session.get_inputs()]
+    return lambda *arrays: session.run(None, dict(zip(names, arrays)))
 
 
 class CompiledRunner:
@@ -271,9 +315,20 @@ def build_runner(name: str, model: nn.Module, precision: str, input_size: int,
                  threads: Optional[int] = None, cache_dir: Optional[Path] = None):
     """The runner of backend ``name`` (not eager) for ``model`` (eval mode, on the CPU for the exported
     backends): callable on B x 3 x S x S images, with ``prepare(batch)``. Checked by ``check_backend``."""
-    runner = _first_runner(name, model, precision, input_size, threads or torch.get_num_threads(),
-                           cache_dir or cache_root())
-    return RefiningRunner(runner, model) if refines_with_boxes(model) else runner
+    threads = threads or torch.get_num_threads()
+    cache_dir = cache_dir or cache_root()
+    runner = _first_runner(name, model, precision, input_size, threads, cache_dir)
+    if not refines_with_boxes(model):
+        return runner
+    build_box_session = None
+    if name == "openvino":
+        def build_box_session() -> Session:
+            return openvino_session(export_box_decoder(model.sam, cache_dir), precision, threads,
+                                    cache_dir / "openvino")
+    elif name == "onnx":
+        def build_box_session() -> Session:
+            return onnxruntime_session(export_box_decoder(model.sam, cache_dir), threads)
+    return RefiningRunner(runner, model, build_box_session)
 
 
 def _first_runner(name: str, model: nn.Module, precision: str, input_size: int, threads: int, cache_dir: Path):

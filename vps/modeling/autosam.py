@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -66,15 +66,20 @@ class AutoSAM(nn.Module):
         image_embeddings = image_embeddings.to(prompt.dtype)
         return self.sam.decode(image_embeddings, prompt), image_embeddings
 
-    def refine_with_boxes(self, image_embeddings: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def refine_with_boxes(self, image_embeddings: torch.Tensor, logits: torch.Tensor,
+                          decode_boxes: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+                          ) -> torch.Tensor:
         """The box refinement (class docstring) of first-pass logits.
 
         Arguments:
           image_embeddings: B x 256 x 64 x 64.
           logits: B x 1 x 256 x 256 first-pass mask logits.
+          decode_boxes: N x 256 x 64 x 64 embeddings, N x 4 boxes -> N x 1 x 256 x 256 logits; default SAM's
+            ``decode_with_prompts`` (an exported backend passes its compiled decoder).
         Returns:
           B x 1 x 256 x 256 logits, float32.
         """
+        decode_boxes = decode_boxes or (lambda embeddings, boxes: self.sam.decode_with_prompts(embeddings, boxes=boxes))
         logits = logits.float()
         masks = (logits[:, 0] > 0).cpu().numpy()
         boxes = [largest_component_boxes(mask, self.sam.image_size, REFINED_COMPONENTS, REFINED_MIN_AREA) for mask in masks]
@@ -82,8 +87,8 @@ class AutoSAM(nn.Module):
         if len(owners) == 0:
             return logits
         boxes = torch.cat(boxes).to(logits.device)
-        boxed = torch.cat([self.sam.decode_with_prompts(image_embeddings[owners[start:start + BOX_CHUNK]],
-                                                        boxes=boxes[start:start + BOX_CHUNK]).float()
+        boxed = torch.cat([decode_boxes(image_embeddings[owners[start:start + BOX_CHUNK]],
+                                        boxes[start:start + BOX_CHUNK]).float()
                            for start in range(0, len(boxes), BOX_CHUNK)])
         united = torch.full_like(logits, float("-inf")).scatter_reduce_(
             0, owners[:, None, None, None].expand_as(boxed), boxed, "amax")
