@@ -122,8 +122,9 @@ def main() -> None:
     parser.add_argument("--eval-only", action="store_true",
                         help="score the maps an earlier run of this command left in --out (no model run)")
     args = parser.parse_args()
-    meta = read_checkpoint(args.split_from or args.checkpoint)["meta"]
-    refines = read_checkpoint(args.checkpoint)["meta"].get("box_refinement", False)
+    checkpoint_meta = read_checkpoint(args.checkpoint)["meta"]
+    meta = read_checkpoint(args.split_from)["meta"] if args.split_from else checkpoint_meta
+    refines = checkpoint_meta.get("box_refinement", False)
     methods = METHODS + ([FIRST_PASS] if refines else []) + (list(PROMPT_BASELINES) if args.prompt_baselines else [])
     if args.eval_only and not (args.out / "polyp_free.json").is_file():
         raise SystemExit(f"validate_model: --eval-only needs the maps of an earlier run in {args.out}")

@@ -10,7 +10,8 @@ import torch
 import vps
 import vps.backends as backends
 from conftest import make_tiny_autosam, make_tiny_sam, save_random_checkpoint
-from vps.modeling import AutoSAM, load_model_from_checkpoint, read_checkpoint, save_checkpoint
+from vps.modeling import (AutoSAM, build_prompt_generator, load_model_from_checkpoint, read_checkpoint,
+                          save_checkpoint)
 from vps.modeling.prompts import largest_component_boxes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,8 +76,6 @@ def test_refinement_of_a_batch_equals_one_image_at_a_time():
 def test_the_setting_comes_from_the_checkpoint_and_can_be_overridden(tmp_path):
     plain = save_random_checkpoint(tmp_path / "plain.pt", sam_backend="vit_b")
     payload = read_checkpoint(plain)
-    from vps.modeling import build_prompt_generator
-
     generator = build_prompt_generator(payload["meta"]["prompt_generator"], pretrained_backbone=False)
     generator.load_state_dict(payload["prompt_generator"])
     refining = save_checkpoint(tmp_path / "refining.pt", {**payload["meta"], "box_refinement": True}, generator)

@@ -47,25 +47,23 @@ def boxes_from_mask(mask: np.ndarray, size: int) -> torch.Tensor:
 
 def largest_component_boxes(mask: np.ndarray, size: int, limit: int, min_area: int = 0) -> torch.Tensor:
     """The bounding boxes of the ``limit`` largest 8-connected components of a H x W bool mask with at least
-    ``min_area`` pixels: N x 4 (x0, y0, x1, y1) in a size x size frame (N = 0 when there is none)."""
+    ``min_area`` pixels: N x 4 (x0, y0, x1, y1) in a size x size frame, largest first (N = 0 when there is none)."""
     mask = np.asarray(mask, dtype=bool)
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
-    if count == 0:
-        return torch.zeros(0, 4)
     areas = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
     chosen = [label for label in 1 + np.argsort(-areas, kind="stable")[:limit] if areas[label - 1] >= min_area]
-    slices = ndimage.find_objects(labels)
-    height, width = mask.shape
-    boxes = [(slices[label - 1][1].start * size / width, slices[label - 1][0].start * size / height,
-              slices[label - 1][1].stop * size / width, slices[label - 1][0].stop * size / height) for label in chosen]
-    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    return boxes_from_labels(labels, size, chosen)
 
 
-def boxes_from_labels(labels: np.ndarray, size: int) -> torch.Tensor:
-    """The bounding box of every label (1..N) of a H x W label image: N x 4 (x0, y0, x1, y1), size x size frame."""
+def boxes_from_labels(labels: np.ndarray, size: int, chosen: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The bounding box of every label (1..N) of a H x W label image, or of the ``chosen`` labels in that order:
+    N x 4 (x0, y0, x1, y1), size x size frame."""
     height, width = labels.shape
+    slices = ndimage.find_objects(labels)
+    if chosen is not None:
+        slices = [slices[label - 1] for label in chosen]
     boxes = [(cols.start * size / width, rows.start * size / height, cols.stop * size / width, rows.stop * size / height)
-             for rows, cols in ndimage.find_objects(labels) if rows is not None]
+             for rows, cols in slices]
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
 
