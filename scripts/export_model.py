@@ -19,11 +19,15 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--box-refinement", action=argparse.BooleanOptionalAction, default=None,
                         help="AutoSAM's box refinement at inference (default: the run's setting, model.box_refinement)")
+    parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="AutoSAM's mirrored prompt at inference (default: the run's setting, model.flip_tta)")
     args = parser.parse_args()
     payload = read_checkpoint(args.run / "model.pt")
     meta = dict(payload["meta"])
     if args.box_refinement is not None:
         meta["box_refinement"] = args.box_refinement
+    if args.flip_tta is not None:
+        meta["flip_tta"] = args.flip_tta
     for stage in ("g", "h"):
         log = args.run / f"log_{stage}.csv"
         if log.is_file():

@@ -25,7 +25,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import numpy as np
 import pandas as pd
@@ -43,10 +43,24 @@ from vps.validation import (ModelMethod, PromptMethod, ValidationError, WindowEm
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_DATA = [SHARED / "cvc-clinicdb-video", SHARED / "kvasir-seg"]
 METHODS = ["AutoSAM", "Light-h(g(I))", "LiteMedSAM-GT-box"]
-FIRST_PASS = "AutoSAM-first-pass"  # a model with box refinement (MODEL_CARD.md): its output before the refinement
+# AutoSAM's inference options (MODEL_CARD.md): a checkpoint that turns them on is also scored without each, and
+# without all of them ("AutoSAM-plain": g and SAM as trained)
+INFERENCE_OPTIONS = {"box_refinement": "AutoSAM-no-box-refinement", "flip_tta": "AutoSAM-no-flip-tta"}
+PLAIN = "AutoSAM-plain"
 # --prompt-baselines: the AutoSAM paper's other SAM references (vps/modeling/prompts.py), method -> baseline
 PROMPT_BASELINES = {"LiteMedSAM-GT-boxes": "gt_boxes", "LiteMedSAM-GT-points": "gt_points",
                     "LiteMedSAM-GT-mask": "gt_mask", "LiteMedSAM-AutoSAM-mask": "autosam_mask"}
+
+
+def ablations(settings) -> Dict[str, Dict[str, bool]]:
+    """The AutoSAM variants scored beside a model whose inference options are ``settings`` (an AutoSAM or a
+    checkpoint header): each option that is on turned off alone, then all off; name -> AutoSAM's options."""
+    on = {option: bool(getattr(settings, option, False) if isinstance(settings, AutoSAM) else settings.get(option))
+          for option in INFERENCE_OPTIONS}
+    variants = {name: {**on, option: False} for option, name in INFERENCE_OPTIONS.items() if on[option]}
+    if sum(on.values()) > 1:
+        variants[PLAIN] = {option: False for option in INFERENCE_OPTIONS}
+    return variants
 
 
 def write_maps(args: argparse.Namespace, positives: List[Sample], crops: List[Sample], methods: List[str]) -> None:
@@ -57,8 +71,8 @@ def write_maps(args: argparse.Namespace, positives: List[Sample], crops: List[Sa
     sam = autosam.sam
     embed = WindowEmbeddings(sam, EmbeddingCache(args.cache_dir.expanduser(), sam.backend) if args.cache_dir else None)
     models = [ModelMethod("AutoSAM", autosam), ModelMethod("Light-h(g(I))", light)]
-    if autosam.box_refinement:  # the same g and SAM without the second pass, beside it
-        models.append(ModelMethod(FIRST_PASS, AutoSAM(sam, autosam.prompt_generator, box_refinement=False)))
+    for name, options in ablations(autosam).items():
+        models.append(ModelMethod(name, AutoSAM(sam, autosam.prompt_generator, **options)))
     prompted = [PromptMethod(method, sam, baseline, models[0])
                 for method, baseline in {"LiteMedSAM-GT-box": "gt_box", **PROMPT_BASELINES}.items() if method in methods]
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())
@@ -124,8 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint_meta = read_checkpoint(args.checkpoint)["meta"]
     meta = read_checkpoint(args.split_from)["meta"] if args.split_from else checkpoint_meta
-    refines = checkpoint_meta.get("box_refinement", False)
-    methods = METHODS + ([FIRST_PASS] if refines else []) + (list(PROMPT_BASELINES) if args.prompt_baselines else [])
+    methods = METHODS + list(ablations(checkpoint_meta)) + (list(PROMPT_BASELINES) if args.prompt_baselines else [])
     if args.eval_only and not (args.out / "polyp_free.json").is_file():
         raise SystemExit(f"validate_model: --eval-only needs the maps of an earlier run in {args.out}")
     positives, crops = validation_samples(meta, args.data, with_crops=not args.eval_only)

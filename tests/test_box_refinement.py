@@ -1,5 +1,6 @@
 """AutoSAM's box refinement: a second pass of SAM's decoder prompted with the boxes of the first mask's components,
-averaged with the first; its setting travels in the checkpoint, and every backend gives the eager result."""
+averaged with the first. Its setting in the checkpoint and the exported backends: tests/test_flip_tta.py, with the
+flip TTA's."""
 
 from __future__ import annotations
 
@@ -7,11 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import vps
-import vps.backends as backends
-from conftest import make_tiny_autosam, make_tiny_sam, save_random_checkpoint
-from vps.modeling import (AutoSAM, build_prompt_generator, load_model_from_checkpoint, read_checkpoint,
-                          save_checkpoint)
+from conftest import make_tiny_autosam
 from vps.modeling.prompts import largest_component_boxes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,45 +68,3 @@ def test_refinement_of_a_batch_equals_one_image_at_a_time():
         first, _ = model.first_pass(images)
     assert torch.allclose(batched, single, atol=1e-5)
     assert (first > 0).any(), "the tiny model's first mask must have pixels above 0 for this test to mean something"
-
-
-def test_the_setting_comes_from_the_checkpoint_and_can_be_overridden(tmp_path):
-    plain = save_random_checkpoint(tmp_path / "plain.pt", sam_backend="vit_b")
-    payload = read_checkpoint(plain)
-    generator = build_prompt_generator(payload["meta"]["prompt_generator"], pretrained_backbone=False)
-    generator.load_state_dict(payload["prompt_generator"])
-    refining = save_checkpoint(tmp_path / "refining.pt", {**payload["meta"], "box_refinement": True}, generator)
-    sam = make_tiny_sam()
-    assert not load_model_from_checkpoint(plain, sam=sam).box_refinement
-    assert load_model_from_checkpoint(refining, sam=sam).box_refinement
-    assert not load_model_from_checkpoint(refining, sam=sam, box_refinement=False).box_refinement
-    assert load_model_from_checkpoint(plain, sam=sam, box_refinement=True).box_refinement
-    with pytest.raises(ValueError, match="box refinement"):
-        load_model_from_checkpoint(plain, model="light", box_refinement=True)
-
-
-def test_the_builtin_model_refines_and_the_segmenter_can_turn_it_off():
-    assert vps.Segmenter(backend="eager").model.box_refinement
-    assert not vps.Segmenter(backend="eager", box_refinement=False).model.box_refinement
-    with pytest.raises(ValueError, match="box refinement"):
-        vps.Segmenter(model="light", box_refinement=True)
-
-
-def refining_tiny_autosam() -> AutoSAM:
-    model = make_tiny_autosam()
-    model.box_refinement = True
-    return model
-
-
-@pytest.mark.parametrize("backend", [pytest.param(name, marks=pytest.mark.skipif(
-    not backends.is_installed(name), reason=f"needs the {backends.BACKENDS[name].package} package"))
-    for name in ("openvino", "onnx")])
-def test_exported_backends_run_the_first_pass_and_refine_like_eager(backend):
-    frames = np.random.RandomState(0).randint(0, 256, (3, 48, 40, 3), np.uint8)
-    eager = vps.Segmenter(model=refining_tiny_autosam(), backend="eager", precision="fp32").predict(frames)
-    exported = vps.Segmenter(model=refining_tiny_autosam(), backend=backend, precision="fp32", batch_size=2)
-    assert exported.backend == backend
-    assert exported.engine.runner.box_session is not None  # the second pass runs in the backend too
-    assert np.abs(exported.predict(frames) - eager).max() < 1e-4
-    plain = vps.Segmenter(model=make_tiny_autosam(), backend="eager", precision="fp32").predict(frames)
-    assert np.abs(plain - eager).max() > 1e-3  # the refinement changed something

@@ -33,7 +33,8 @@ from vps.video import Clip, FrameSource, Prefetcher, open_clip
 
 
 def load_model(checkpoint: Optional[str | Path] = None, model: str = "autosam", sam_backend: Optional[str] = None,
-               sam_checkpoint: Optional[str | Path] = None, box_refinement: Optional[bool] = None) -> nn.Module:
+               sam_checkpoint: Optional[str | Path] = None, box_refinement: Optional[bool] = None,
+               flip_tta: Optional[bool] = None) -> nn.Module:
     """AutoSAM (``model="autosam"``) or the light model (``"light"``) from a g/h checkpoint, or the frozen SAM with
     a prompt-free head (``"head"``) from a head checkpoint.
 
@@ -46,7 +47,8 @@ def load_model(checkpoint: Optional[str | Path] = None, model: str = "autosam", 
             raise CheckpointError(f"the built-in model {checkpoint} is not installed; pass --checkpoint FILE "
                                   "(Python: Segmenter(checkpoint=FILE))")
     return modeling.load_model_from_checkpoint(checkpoint, model=model, sam_backend=sam_backend,
-                                               sam_checkpoint=sam_checkpoint, box_refinement=box_refinement)
+                                               sam_checkpoint=sam_checkpoint, box_refinement=box_refinement,
+                                               flip_tta=flip_tta)
 
 
 def default_batch_size(model: nn.Module, device: torch.device) -> int:
@@ -131,6 +133,8 @@ class Segmenter:
         are built at construction, from an ONNX file cached under ~/.cache/vps.
       box_refinement: AutoSAM's second pass of SAM's decoder, prompted with the boxes of its first mask's
         components (``vps.modeling.AutoSAM``); None: the checkpoint's setting (the built-in model's is on).
+      flip_tta: AutoSAM's dense prompt averaged with g's prompt for the mirrored frame (``vps.modeling.AutoSAM``);
+        None: the checkpoint's setting (the built-in model's is on).
 
     Any frame size works: frames are resized to the model's input on the device and the
     probabilities upsampled back to the frame's size. Raises ValueError (CheckpointError for a
@@ -140,7 +144,8 @@ class Segmenter:
     def __init__(self, checkpoint: Optional[str | Path] = None, model: str | nn.Module = "autosam",
                  device: str | torch.device = "auto", precision: str = "auto", batch_size: Optional[int] = None,
                  sam_backend: Optional[str] = None, sam_checkpoint: Optional[str | Path] = None,
-                 tile: Optional[int] = None, backend: str = "auto", box_refinement: Optional[bool] = None) -> None:
+                 tile: Optional[int] = None, backend: str = "auto", box_refinement: Optional[bool] = None,
+                 flip_tta: Optional[bool] = None) -> None:
         self.device = resolve_device(str(device))
         self.precision = resolve_precision(precision, self.device)
         autocast_dtype(self.precision, self.device)  # an unknown or impossible precision fails before loading
@@ -148,12 +153,13 @@ class Segmenter:
             check_backend(backend, self.device, backend_precision(backend, self.precision, precision))
         check_batch_size(batch_size)
         if isinstance(model, nn.Module):
-            if checkpoint is not None or sam_backend is not None or sam_checkpoint is not None or box_refinement is not None:
-                raise ValueError("a built model is used as is: give checkpoint, sam_backend, sam_checkpoint and "
-                                 "box_refinement only with model='autosam', 'light' or 'head'")
+            loading = (checkpoint, sam_backend, sam_checkpoint, box_refinement, flip_tta)
+            if any(setting is not None for setting in loading):
+                raise ValueError("a built model is used as is: give checkpoint, sam_backend, sam_checkpoint, "
+                                 "box_refinement and flip_tta only with model='autosam', 'light' or 'head'")
             network = model
         else:
-            network = load_model(checkpoint, model, sam_backend, sam_checkpoint, box_refinement)
+            network = load_model(checkpoint, model, sam_backend, sam_checkpoint, box_refinement, flip_tta)
         self.batch_size = batch_size or default_batch_size(network, self.device)
         self.engine = build_engine(network, self.device, self.precision, precision, backend, self.batch_size, tile)
         self.model = self.engine.model

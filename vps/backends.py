@@ -146,7 +146,7 @@ def onnx_cache_path(model: nn.Module, batch: int, input_size: int, cache_dir: Pa
 
     key = hashlib.sha256(f"{weights_hash(model)} vps {vps.__version__} torch {torch.__version__} "
                          f"opset {ONNX_OPSET}".encode()).hexdigest()[:20]
-    part = "-first-pass" if refines_with_boxes(model) else ""
+    part = ("-first-pass" if refines_with_boxes(model) else "") + ("-flip-tta" if getattr(model, "flip_tta", False) else "")
     return cache_dir / "onnx" / f"{type(model).__name__}{part}-b{batch}-{input_size}px-{key}.onnx"
 
 

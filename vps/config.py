@@ -173,6 +173,7 @@ AUTOSAM_G_SCHEMA: Dict[str, Tuple[str, bool]] = {
     "model.prompt_generator": ("section", True),
     "model.surrogate": ("section?", False),
     "model.box_refinement": ("bool", False),
+    "model.flip_tta": ("bool", False),
     "train_g": ("section", True),
     **{f"train_g.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
     "train_h": ("section", True),

@@ -38,13 +38,18 @@ class AutoSAM(nn.Module):
     0.5; the ``REFINED_COMPONENTS`` largest with at least ``REFINED_MIN_AREA`` pixels), one prompt per component,
     the masks united; the output is the mean of the two passes' logits. An image with no such component keeps its
     first pass. Inference only: g is trained on the first pass.
+
+    ``flip_tta``: the dense prompt is the mean of g on the images and on their mirror images (left-right), the
+    second mirrored back; SAM's encoder still runs once. Inference only, like the box refinement.
     """
 
-    def __init__(self, sam: FrozenSam, prompt_generator: PromptGenerator, box_refinement: bool = False) -> None:
+    def __init__(self, sam: FrozenSam, prompt_generator: PromptGenerator, box_refinement: bool = False,
+                 flip_tta: bool = False) -> None:
         super().__init__()
         self.sam = sam
         self.prompt_generator = prompt_generator
         self.box_refinement = box_refinement
+        self.flip_tta = flip_tta
 
     def low_res_logits(self, images: torch.Tensor, image_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
@@ -62,9 +67,17 @@ class AutoSAM(nn.Module):
         """g's dense prompt into SAM: (B x 1 x 256 x 256 mask logits, B x 256 x 64 x 64 image embeddings)."""
         if image_embeddings is None:
             image_embeddings = self.sam.encode(images)
-        prompt = self.prompt_generator(images)
+        prompt = self.dense_prompt(images)
         image_embeddings = image_embeddings.to(prompt.dtype)
         return self.sam.decode(image_embeddings, prompt), image_embeddings
+
+    def dense_prompt(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W in [0, 1] -> B x 256 x 64 x 64: g's prompt, or with ``flip_tta`` the mean of g's prompts for
+        the images and their mirror images (mirrored back), in one batch."""
+        if not self.flip_tta:
+            return self.prompt_generator(images)
+        direct, mirrored = self.prompt_generator(torch.cat([images, images.flip(-1)])).chunk(2)
+        return (direct + mirrored.flip(-1)) / 2
 
     def refine_with_boxes(self, image_embeddings: torch.Tensor, logits: torch.Tensor,
                           decode_boxes: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None

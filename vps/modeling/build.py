@@ -230,19 +230,22 @@ def load_weights(module: nn.Module, state: Dict[str, torch.Tensor], what: str, s
 
 def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Optional[FrozenSam] = None,
                                sam_backend: Optional[str] = None, sam_checkpoint: Optional[str | Path] = None,
-                               box_refinement: Optional[bool] = None) -> nn.Module:
+                               box_refinement: Optional[bool] = None, flip_tta: Optional[bool] = None) -> nn.Module:
     """Rebuild a model from a checkpoint alone: AutoSAM (``model="autosam"``) or the light model (``"light"``)
     from a g (+ h) checkpoint, or the frozen SAM with its prompt-free head (``"head"``) from a head checkpoint.
 
     ``sam_backend`` defaults to the checkpoint's; asking for another one is an error naming both.
-    ``box_refinement`` (AutoSAM only, ``AutoSAM``'s docstring) defaults to the checkpoint's ``meta["box_refinement"]``
-    (off when absent).
+    ``box_refinement`` and ``flip_tta`` (AutoSAM only, ``AutoSAM``'s docstring) default to the checkpoint's
+    ``meta["box_refinement"]`` and ``meta["flip_tta"]`` (off when absent).
     """
     if model not in MODELS:
         raise ValueError(f"unknown model '{model}'; expected {' or '.join(MODELS)}")
     if box_refinement and model != "autosam":
         raise ValueError(f"box refinement prompts AutoSAM's SAM with its own mask's boxes; the {model} model has "
                          "no such pass (use --model autosam)")
+    if flip_tta and model != "autosam":
+        raise ValueError(f"flip TTA averages AutoSAM's dense prompts; the {model} model is not AutoSAM "
+                         "(use --model autosam)")
     payload = read_checkpoint(path)
     meta = payload["meta"]
     if "head" in payload:
@@ -267,7 +270,9 @@ def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Op
         check_compatible(meta, sam.backend, generator_config, str(path))
     if box_refinement is None:
         box_refinement = bool(meta.get("box_refinement", False))
-    return AutoSAM(sam, generator, box_refinement=box_refinement).eval()
+    if flip_tta is None:
+        flip_tta = bool(meta.get("flip_tta", False))
+    return AutoSAM(sam, generator, box_refinement=box_refinement, flip_tta=flip_tta).eval()
 
 
 def _load_prompt_free(path: str | Path, payload: Dict[str, Any], model: str, sam: Optional[FrozenSam],

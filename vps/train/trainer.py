@@ -440,7 +440,8 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         if "prompt_generator" in initial:
             load_weights(generator, initial["prompt_generator"], "prompt generator", f"model.init_from {init_from}")
         metadata = checkpoint_metadata(generator_config, sam_backend, None,
-                                       box_refinement=bool(model_config.get("box_refinement", False)), **provenance)
+                                       box_refinement=bool(model_config.get("box_refinement", False)),
+                                       flip_tta=bool(model_config.get("flip_tta", False)), **provenance)
 
         def forward_g(g: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
             images = batch["image"].to(runtime.device, non_blocking=True)
