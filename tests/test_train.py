@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def tiny_config(data_root: Path, cache_dir: Path, epochs: int = 2, cache: bool =
         "model": {"sam": dict(TINY_SAM), "prompt_generator": dict(TINY_GENERATOR), "surrogate": {"hidden_channels": 8}},
         "data": {"root": str(data_root), "val_clips": ["c2"], "val_fraction": 0.0, "split_seed": 0, "mask_size": 256},
         "augment": {"hflip": True, "vflip": True, "rotate": 0, "scale": None, "color_jitter": None},
-        "cache": {"enabled": cache, "dir": str(cache_dir), "views": ["identity", "hflip"]},
+        "cache": {"enabled": cache, "dir": str(cache_dir), "views": ["identity", "hflip"],
+                  "derived_views": []},
         "train_g": {"epochs": epochs, "batch_size": 4, "lr": 3e-3, "weight_decay": 1e-5},
         "train_h": {"epochs": epochs, "batch_size": 4, "lr": 3e-3, "weight_decay": 1e-5},
         "runtime": {"device": "cpu", "precision": "fp32", "num_workers": 0, "seed": 0},
@@ -106,6 +108,35 @@ def test_cache_returns_the_fresh_encoder_embedding(tmp_path):
     cached = cache.get(key, "hflip").float()
     assert torch.allclose(cached, fresh, atol=2e-3 * fresh.abs().max().item())
     assert not torch.allclose(cached, cache.get(key, "identity").float())
+
+
+def test_derived_views_transform_the_cached_identity_embedding_with_the_image_and_mask(tmp_path):
+    data = write_clips(tmp_path / "data", clips=1, frames=1)
+    sam = build_sam(**{k: v for k, v in TINY_SAM.items() if k != "checkpoint"})
+    cache = EmbeddingCache(tmp_path / "cache", "tiny")
+    dataset = SegmentationDataset(discover_samples(data), 64, 256, cache, ["identity"], derived_views=["rot90"])
+    assert fill_cache(dataset, sam, ["identity"], torch.device("cpu"), progress=False) == 1  # no rot90 entry
+    key, image, mask = dataset.load(0)
+    identity = cache.get(key, "identity")
+    seen = set()
+    for seed in range(12):
+        random.seed(seed)
+        item = dataset[0]
+        turned = not torch.equal(item["image"], image)
+        seen.add(turned)
+        turn = (lambda x: x.rot90(1, (-2, -1))) if turned else (lambda x: x)
+        assert torch.equal(item["image"], turn(image)) and torch.equal(item["mask"], turn(mask))
+        assert torch.equal(item["embedding"], turn(identity))
+    assert seen == {False, True}  # both the cached view and the derived one were drawn
+
+
+def test_training_with_derived_views_encodes_only_the_identity_view(tmp_path):
+    data = write_clips(tmp_path / "data")
+    config = tiny_config(data, tmp_path / "cache", epochs=1)
+    config["cache"].update(views=["hflip"], derived_views=["vflip", "rot180"])
+    assert train(config, tmp_path / "run", stages=("g",)).is_file()
+    cached_views = {path.parent.parent.name for path in (tmp_path / "cache").rglob("*.npy")}
+    assert cached_views == {"identity", "hflip"}  # the derived views' source, and the cached view
 
 
 def test_train_writes_checkpoints_logs_and_resumes(tmp_path):

@@ -123,6 +123,8 @@ KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
                  "null or a list of distinct class names (mask folder names)"),
     "views": (lambda v: isinstance(v, list) and len(v) > 0 and all(x in _VIEWS() for x in v),
               "a non-empty list of views (identity, hflip, vflip, rot90, rot180, rot270)"),
+    "views?": (lambda v: v is None or (isinstance(v, list) and all(x in _VIEWS() for x in v)),
+               "null or a list of views (identity, hflip, vflip, rot90, rot180, rot270)"),
     "precision": (lambda v: v in _PRECISIONS(), "one of auto|fp32|bf16|fp16"),
 }
 FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share")
@@ -162,6 +164,7 @@ SCHEMA: Dict[str, Tuple[str, bool]] = {
     "cache.enabled": ("bool", False),
     "cache.dir": ("str", False),
     "cache.views": ("views", False),
+    "cache.derived_views": ("views?", False),
     "runtime": ("section", False),
     "runtime.device": ("str", False),
     "runtime.precision": ("precision", False),

@@ -53,12 +53,21 @@ class SegmentationDataset(Dataset):
         views: Sequence[str] = ("identity",),
         photometric=None,
         geometric=None,
+        derived_views: Sequence[str] = (),
     ) -> None:
+        """
+        Arguments (besides the class docstring's):
+          views: cached views drawn from, uniformly with ``derived_views``: SAM's embedding of the transformed image.
+          derived_views: views whose embedding is the cached identity embedding transformed the same way, not SAM's
+            embedding of the transformed image: cheap geometric augmentation, exact for the image and the mask but
+            approximate for the embedding (docs/training.md, "Derived views").
+        """
         self.samples = list(samples)
         self.image_size = image_size
         self.mask_size = mask_size
         self.cache = cache
         self.views = list(views)
+        self.derived_views = [view for view in derived_views if view not in self.views]
         self.photometric = photometric
         self.geometric = geometric
         self.sources = sorted({s.source for s in self.samples})
@@ -85,11 +94,14 @@ class SegmentationDataset(Dataset):
     def _augmented(self, index: int) -> Dict[str, torch.Tensor]:
         key, image, mask = self.load(index)
         if self.cache is not None:
-            view = random.choice(self.views)
-            embedding = self.cache.get(key, view)
+            view = random.choice(self.views + self.derived_views)
+            cached_view = "identity" if view in self.derived_views else view
+            embedding = self.cache.get(key, cached_view)
             if embedding is None:
-                raise RuntimeError(f"embedding cache has no '{view}' view of {self.samples[index].image}; "
+                raise RuntimeError(f"embedding cache has no '{cached_view}' view of {self.samples[index].image}; "
                                    "fill the cache first (fill_cache)")
+            if cached_view != view:
+                embedding = apply_view(embedding, view)
             image, mask = apply_view(image, view), apply_view(mask, view)
             if self.photometric is not None:
                 image = self.photometric(image)
