@@ -19,19 +19,20 @@ import torch
 import torch.nn.functional as F
 
 import vps  # noqa: F401
+from eval.metrics import binary_dice_iou
 from vps.modeling import default_checkpoint_path, load_model_from_checkpoint, read_checkpoint
 from vps.train.augment import VIEWS, apply_view
 from vps.train.data import read_pair
+from vps.train.dataset import to_square_tensor
 from vps.validation import ValidationError, validation_samples
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def dice(logits: torch.Tensor, truth: np.ndarray) -> float:
-    """Dice at logit 0 of 1 x 1 x h x w logits (upsampled) against an H x W boolean mask."""
-    predicted = (F.interpolate(logits.float(), size=truth.shape, mode="bilinear", align_corners=False) > 0)[0, 0]
-    predicted = predicted.numpy()
-    return float(2 * (predicted & truth).sum() / max(predicted.sum() + truth.sum(), 1))
+    """Dice at probability 0.5 of 1 x 1 x h x w logits, upsampled, against an H x W boolean mask."""
+    probability = torch.sigmoid(F.interpolate(logits.float(), size=truth.shape, mode="bilinear", align_corners=False))
+    return binary_dice_iou(probability[0, 0].numpy(), truth)[0]
 
 
 def main() -> None:
@@ -49,8 +50,7 @@ def main() -> None:
     with torch.inference_mode():
         for index in picked:
             image, mask = read_pair(positives[index])
-            frame = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
-            frame = F.interpolate(frame, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+            frame = to_square_tensor(image, side)[None]
             identity = sam.encode(frame)
             truth = torch.from_numpy(np.asarray(mask, dtype=bool))
             for view in args.views:
