@@ -52,11 +52,15 @@ PROMPT_BASELINES = {"LiteMedSAM-GT-boxes": "gt_boxes", "LiteMedSAM-GT-points": "
                     "LiteMedSAM-GT-mask": "gt_mask", "LiteMedSAM-AutoSAM-mask": "autosam_mask"}
 
 
-def ablations(settings) -> Dict[str, Dict[str, bool]]:
-    """The AutoSAM variants scored beside a model whose inference options are ``settings`` (an AutoSAM or a
-    checkpoint header): each option that is on turned off alone, then all off; name -> AutoSAM's options."""
-    on = {option: bool(getattr(settings, option, False) if isinstance(settings, AutoSAM) else settings.get(option))
-          for option in INFERENCE_OPTIONS}
+def inference_options(autosam: AutoSAM) -> Dict[str, bool]:
+    """A loaded AutoSAM's inference options, in the checkpoint header's form."""
+    return {option: getattr(autosam, option) for option in INFERENCE_OPTIONS}
+
+
+def ablations(settings: Dict) -> Dict[str, Dict[str, bool]]:
+    """The AutoSAM variants scored beside a model whose inference options are ``settings`` (a checkpoint header,
+    or :func:`inference_options`): each option that is on turned off alone, then all off; name -> AutoSAM's options."""
+    on = {option: bool(settings.get(option)) for option in INFERENCE_OPTIONS}
     variants = {name: {**on, option: False} for option, name in INFERENCE_OPTIONS.items() if on[option]}
     if sum(on.values()) > 1:
         variants[PLAIN] = {option: False for option in INFERENCE_OPTIONS}
@@ -71,7 +75,7 @@ def write_maps(args: argparse.Namespace, positives: List[Sample], crops: List[Sa
     sam = autosam.sam
     embed = WindowEmbeddings(sam, EmbeddingCache(args.cache_dir.expanduser(), sam.backend) if args.cache_dir else None)
     models = [ModelMethod("AutoSAM", autosam), ModelMethod("Light-h(g(I))", light)]
-    for name, options in ablations(autosam).items():
+    for name, options in ablations(inference_options(autosam)).items():
         models.append(ModelMethod(name, AutoSAM(sam, autosam.prompt_generator, **options)))
     prompted = [PromptMethod(method, sam, baseline, models[0])
                 for method, baseline in {"LiteMedSAM-GT-box": "gt_box", **PROMPT_BASELINES}.items() if method in methods]

@@ -206,6 +206,28 @@ def test_train_image_sh_keeps_the_callers_folder(tmp_path):
         "vps-train: error: train_h.epochs must be an integer >= 1, got 'abc'"]
 
 
+def test_init_from_on_the_command_line_is_read_once_and_starts_training(tmp_path, monkeypatch, capsys):
+    import vps.modeling.build as build
+    import vps.train.trainer as trainer
+
+    data = write_clips(tmp_path / "data", clips=2, frames=2)
+    config = tiny_config(data, tmp_path / "cache", epochs=1)
+    config["data"]["val_clips"] = ["c1"]
+    config["model"]["init_from"] = None
+    config_file = write_config(tmp_path / "tiny.yaml", config)
+    assert main([str(config_file), "--out", str(tmp_path / "first"), "--stage", "g"]) == 0
+    reads = []
+    real = build.initial_weights
+    monkeypatch.setattr(build, "initial_weights", lambda *args: reads.append(args) or real(*args))
+    monkeypatch.setattr(trainer, "initial_weights", lambda *args: reads.append(args) or real(*args))
+    capsys.readouterr()
+    first = tmp_path / "first" / "model.pt"
+    assert main([str(config_file), f"model.init_from={first}", "--out", str(tmp_path / "tuned"), "--stage", "g"]) == 0
+    assert len(reads) == 1
+    assert "g before training (model.init_from): validation Dice" in capsys.readouterr().out
+    assert read_checkpoint(tmp_path / "tuned" / "model.pt")["meta"]["init_from"] == str(first)
+
+
 def test_init_from_errors_are_one_line_before_any_work(tmp_path, capsys):
     config = tiny_config(tmp_path / "nodata", tmp_path / "cache")
     config["model"]["init_from"] = None

@@ -130,15 +130,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if args.resume:
             prepare_resume(out, config, stages, is_main)
+        initial = {}
         if config["model"].get("init_from"):  # a wrong path or model fails here, before the data checks
             from vps.modeling.build import initial_weights
 
-            initial_weights(config["model"]["init_from"], config["model"]["sam"]["backend"],
-                            config["model"]["prompt_generator"])
+            initial = initial_weights(config["model"]["init_from"], config["model"]["sam"]["backend"],
+                                      config["model"]["prompt_generator"])
         verify_decodable(training_samples(config))
         from vps.train.trainer import train
 
-        model_path = train(config, out, stages=stages, resume=args.resume)
+        model_path = train(config, out, stages=stages, resume=args.resume, initial=initial)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr)
         return 130

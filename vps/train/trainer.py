@@ -369,9 +369,13 @@ def split_samples(config: Dict[str, Any]):
     return train_samples, val_samples, val_groups
 
 
-def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume: bool = False) -> Path:
+def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume: bool = False,
+          initial: Optional[Dict[str, Any]] = None) -> Path:
     """Run the configured stages (``vps.config.training_stages``: g and h for AutoSAM, ``head`` for a prompt-free
-    head); returns the path of the trained model (``<out_dir>/model.pt``)."""
+    head); returns the path of the trained model (``<out_dir>/model.pt``).
+
+    ``initial``: the weights of ``model.init_from`` when the caller has read them already
+    (``vps.modeling.build.initial_weights``); otherwise they are read here."""
     out_dir = Path(out_dir)
     runtime = setup_runtime(config.get("runtime", {}))
     seed_everything(int(config.get("runtime", {}).get("seed", 0)) + runtime.rank)
@@ -407,7 +411,8 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
     provenance = dict(trained_on=[str(r) for r in as_root_list(data_config["root"])], val_clips=val_groups,
                       split_seed=split_seed, negatives=negatives or None, random_crop=crop or None,
                       init_from=init_from)
-    initial = initial_weights(init_from, sam_backend, model_config["prompt_generator"]) if init_from else {}
+    if initial is None:
+        initial = initial_weights(init_from, sam_backend, model_config["prompt_generator"]) if init_from else {}
 
     def loaders(settings: Dict[str, Any], train_set, val_set):
         return (_loader(train_set, int(settings["batch_size"]), runtime, True, workers, seed),
