@@ -115,7 +115,8 @@ def test_derived_views_transform_the_cached_identity_embedding_with_the_image_an
     sam = build_sam(**{k: v for k, v in TINY_SAM.items() if k != "checkpoint"})
     cache = EmbeddingCache(tmp_path / "cache", "tiny")
     dataset = SegmentationDataset(discover_samples(data), 64, 256, cache, ["identity"], derived_views=["rot90"])
-    assert fill_cache(dataset, sam, ["identity"], torch.device("cpu"), progress=False) == 1  # no rot90 entry
+    assert dataset.cached_views == ["identity"]  # the derived view's source, no rot90 entry
+    assert fill_cache(dataset, sam, dataset.cached_views, torch.device("cpu"), progress=False) == 1
     key, image, mask = dataset.load(0)
     identity = cache.get(key, "identity")
     seen = set()

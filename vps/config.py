@@ -94,6 +94,12 @@ _SAM_BACKENDS = _choices("vps.modeling.build_sam", "SAM_BACKENDS")
 _HEAD_TYPES = _choices("vps.modeling.build_head", "HEAD_TYPES")
 _VIEWS = _choices("vps.train.augment", "VIEWS")
 _PRECISIONS = _choices("vps.inference", "PRECISIONS", ("auto",))
+_VIEW_LIST = "list of views (identity, hflip, vflip, rot90, rot180, rot270)"
+
+
+def _is_view_list(value: Any) -> bool:
+    return isinstance(value, list) and all(view in _VIEWS() for view in value)
+
 
 # kind -> (check(value) -> bool, what is expected); float kinds also accept numeric strings, stored as floats
 KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
@@ -121,10 +127,8 @@ KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "classes?": (lambda v: v is None or (isinstance(v, list) and len(v) > 0 and len(set(map(str, v))) == len(v) and all(
         isinstance(n, (str, int)) and str(n) not in ("", ".", "..") and "/" not in str(n) for n in v)),
                  "null or a list of distinct class names (mask folder names)"),
-    "views": (lambda v: isinstance(v, list) and len(v) > 0 and all(x in _VIEWS() for x in v),
-              "a non-empty list of views (identity, hflip, vflip, rot90, rot180, rot270)"),
-    "views?": (lambda v: v is None or (isinstance(v, list) and all(x in _VIEWS() for x in v)),
-               "null or a list of views (identity, hflip, vflip, rot90, rot180, rot270)"),
+    "views": (lambda v: _is_view_list(v) and len(v) > 0, f"a non-empty {_VIEW_LIST}"),
+    "views?": (lambda v: v is None or _is_view_list(v), f"null or a {_VIEW_LIST}"),
     "precision": (lambda v: v in _PRECISIONS(), "one of auto|fp32|bf16|fp16"),
 }
 FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share")

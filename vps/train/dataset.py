@@ -91,6 +91,11 @@ class SegmentationDataset(Dataset):
         item["source"] = self._source_index[self.samples[index].source]
         return item
 
+    @property
+    def cached_views(self) -> List[str]:
+        """The views this dataset reads from the cache: ``views``, and identity as the derived views' source."""
+        return self.views + (["identity"] if self.derived_views and "identity" not in self.views else [])
+
     def _augmented(self, index: int) -> Dict[str, torch.Tensor]:
         key, image, mask = self.load(index)
         if self.cache is not None:

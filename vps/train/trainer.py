@@ -327,16 +327,15 @@ def cached_datasets(config: Dict[str, Any], train_samples, val_samples, sam, sam
         cache = EmbeddingCache(Path(cache_config["dir"]).expanduser(), sam_cache_id(sam_backend, sam_checkpoint))
         views = list(cache_config.get("views", ["identity"]))
         derived = list(cache_config.get("derived_views") or [])
-    fill_views = views + (["identity"] if derived and "identity" not in views else [])
     train_set = SegmentationDataset(train_samples, image_size, mask_size, cache, views, photometric,
                                     None if cache else geometric, derived_views=derived)
     val_set = SegmentationDataset(val_samples, image_size, mask_size, cache) if val_samples else None
     if cache is not None:
         with runtime.autocast():
-            fill_cache(train_set, sam, fill_views, runtime.device, shard=(runtime.rank, runtime.world_size),
+            fill_cache(train_set, sam, train_set.cached_views, runtime.device, shard=(runtime.rank, runtime.world_size),
                        progress=runtime.is_main)
             if val_set is not None:
-                fill_cache(val_set, sam, ["identity"], runtime.device, shard=(runtime.rank, runtime.world_size),
+                fill_cache(val_set, sam, val_set.cached_views, runtime.device, shard=(runtime.rank, runtime.world_size),
                            progress=runtime.is_main)
         runtime.barrier()
     return train_set, val_set
