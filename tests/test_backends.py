@@ -11,7 +11,7 @@ from torch import nn
 
 import vps
 import vps.backends as backends
-from conftest import make_tiny_autosam, make_tiny_light
+from conftest import make_tiny_autosam, make_tiny_light, make_tiny_sam
 from vps.backends import BACKEND_CHOICES, BackendError
 from vps.cli.segment import build_parser, main
 
@@ -73,6 +73,20 @@ def test_the_export_is_cached_by_weights(backend, monkeypatch, tmp_path):
 def test_weights_hash_follows_the_weights():
     assert backends.weights_hash(make_tiny_light(0)) == backends.weights_hash(make_tiny_light(0))
     assert backends.weights_hash(make_tiny_light(0)) != backends.weights_hash(make_tiny_light(1))
+
+
+def test_the_box_decoder_is_cached_by_the_decoders_weights_only(tmp_path):
+    def sam(encoder_seed, decoder_seed):
+        torch.manual_seed(encoder_seed)
+        encoder = make_tiny_sam().image_encoder
+        torch.manual_seed(decoder_seed)
+        model = make_tiny_sam()
+        model.image_encoder = encoder
+        return model
+
+    path = backends.box_decoder_cache_path
+    assert path(sam(0, 0), tmp_path) == path(sam(1, 0), tmp_path)  # another image encoder: the same graph
+    assert path(sam(0, 0), tmp_path) != path(sam(0, 1), tmp_path)  # another prompt encoder and mask decoder
 
 
 def test_auto_takes_the_first_installed_backend(monkeypatch):

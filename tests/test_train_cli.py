@@ -171,6 +171,22 @@ def test_truncated_jpeg_stops_the_run_before_training_in_one_line(tmp_path, caps
     assert not (tmp_path / "cache").exists()  # stopped before SAM and the cache
 
 
+def test_only_the_main_process_decodes_every_file(tmp_path, monkeypatch):
+    """Under torchrun every process runs the CLI: the data check runs once, in rank 0, not once per process."""
+    import vps.train.trainer as trainer
+    import vps.train.verify as verify
+
+    data = write_clips(tmp_path / "data", clips=2, frames=2)
+    config_file = write_config(tmp_path / "tiny.yaml", tiny_config(data, tmp_path / "cache"))
+    checked = []
+    monkeypatch.setattr(verify, "verify_decodable", lambda samples: checked.append(len(list(samples))))
+    monkeypatch.setattr(trainer, "train", lambda config, out, **kwargs: Path(out) / "model.pt")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        assert main([str(config_file), "--out", str(tmp_path / f"run{rank}")]) == 0
+    assert checked == [4]  # rank 0 only, every frame of the two clips
+
+
 class _FailingDataset(torch.utils.data.Dataset):
     def __len__(self):
         return 2

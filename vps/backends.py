@@ -140,11 +140,13 @@ def weights_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def onnx_cache_path(model: nn.Module, batch: int, input_size: int, cache_dir: Path) -> Path:
-    """The cached ONNX file of ``model`` at this batch and input size (the name holds every key)."""
+def onnx_cache_path(model: nn.Module, batch: int, input_size: int, cache_dir: Path,
+                    weights: Optional[nn.Module] = None) -> Path:
+    """The cached ONNX file of ``model`` at this batch and input size (the name holds every key). ``weights``: the
+    part of ``model`` whose weights the graph holds, when that is not all of it (default ``model``)."""
     import vps
 
-    key = hashlib.sha256(f"{weights_hash(model)} vps {vps.__version__} torch {torch.__version__} "
+    key = hashlib.sha256(f"{weights_hash(weights if weights is not None else model)} vps {vps.__version__} torch {torch.__version__} "
                          f"opset {ONNX_OPSET}".encode()).hexdigest()[:20]
     part = ("-first-pass" if refines_with_boxes(model) else "") + ("-flip-tta" if getattr(model, "flip_tta", False) else "")
     return cache_dir / "onnx" / f"{type(model).__name__}{part}-b{batch}-{input_size}px-{key}.onnx"
@@ -170,9 +172,16 @@ class BoxDecoder(nn.Module):
         return self.sam.decode_with_prompts(image_embeddings, boxes=boxes)
 
 
+def box_decoder_cache_path(sam: nn.Module, cache_dir: Path) -> Path:
+    """The cached ONNX file of SAM's box decoder, keyed by the weights the graph holds: the prompt encoder and the
+    mask decoder (the image encoder, most of SAM, is not hashed)."""
+    decoding = nn.ModuleList([sam.prompt_encoder, sam.mask_decoder])
+    return onnx_cache_path(BoxDecoder(sam), 1, sam.image_size, cache_dir, weights=decoding)
+
+
 def export_box_decoder(sam: nn.Module, cache_dir: Path) -> Path:
     """SAM's box decoder (``BoxDecoder``) for one box as an ONNX file, exported once and cached."""
-    path = onnx_cache_path(BoxDecoder(sam), 1, sam.image_size, cache_dir)
+    path = box_decoder_cache_path(sam, cache_dir)
     examples = (torch.rand(1, *sam.embedding_shape), torch.tensor([[10.0, 20.0, 30.0, 40.0]]))
     return _export_cached(path, BoxDecoder(sam), examples, ["embeddings", "boxes"], ["logits"])
 

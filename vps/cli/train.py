@@ -136,7 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             initial = initial_weights(config["model"]["init_from"], config["model"]["sam"]["backend"],
                                       config["model"]["prompt_generator"])
-        verify_decodable(training_samples(config))
+        if is_main:  # one decode of every file is enough; torchrun stops the other processes if it fails
+            verify_decodable(training_samples(config))
         from vps.train.trainer import train
 
         model_path = train(config, out, stages=stages, resume=args.resume, initial=initial)
