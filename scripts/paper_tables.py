@@ -97,6 +97,8 @@ class Run:
     overrides: List[str]
     config: dict = field(repr=False)
     folder: Path = Path()
+    given: Optional[Path] = None  # --autosam-model: a model trained elsewhere, copied into the folder, never trained
+
 
     @property
     def name(self) -> str:
@@ -119,6 +121,8 @@ class Run:
     def epochs(self) -> str:
         from vps.config import training_stages
 
+        if self.given is not None:
+            return read_json(self.folder / DONE_FILE).get("epochs", "?")
         return ", ".join(f"{stage} {self.config[f'train_{stage}']['epochs']}" for stage in training_stages(self.config))
 
 
@@ -220,6 +224,47 @@ def subset_folder(runs: Path, samples: list, count: int, seed: int, dry_run: boo
     return folder
 
 
+def given_epochs(path: Path, meta: dict) -> str:
+    """"g N, h M": from an exported checkpoint's header (scripts/export_model.py), or from the config.yaml of the
+    vps-train run folder that holds the checkpoint; "not recorded" otherwise."""
+    stages = [f"{stage} {meta[f'stage_{stage}']['epochs']}" for stage in ("g", "h")
+              if isinstance(meta.get(f"stage_{stage}"), dict)]
+    if not stages and (path.parent / "config.yaml").is_file():
+        config = yaml.safe_load((path.parent / "config.yaml").read_text()) or {}
+        stages = [f"{stage} {config[f'train_{stage}']['epochs']}" for stage in ("g", "h")
+                  if isinstance(config.get(f"train_{stage}"), dict) and "epochs" in config[f"train_{stage}"]]
+    return ", ".join(stages) or "not recorded"
+
+
+def given_autosam_run(args: argparse.Namespace, slug: str) -> Run:
+    """The AutoSAM rows from ``--autosam-model`` (a checkpoint trained elsewhere, ``builtin`` for the shipped model):
+    a finished run folder named by the file's contents, holding a copy of it, so that every later step (maps, scores,
+    the split check of the polyp table) treats it as any reused run. Its SAM must be the table's."""
+    from vps.modeling import read_checkpoint
+    from vps.modeling.build import default_checkpoint_path
+
+    path = default_checkpoint_path() if str(args.autosam_model) == "builtin" else args.autosam_model
+    payload = read_checkpoint(path)  # a one-line CheckpointError when missing or not a vps checkpoint
+    meta = payload["meta"]
+    if "prompt_generator" not in payload or "surrogate" not in payload:
+        raise TableError(f"--autosam-model {path}: not an AutoSAM checkpoint with g and h (a head checkpoint?)")
+    config = base_config(args)
+    if meta["sam_backend"] != config["model"]["sam"]["backend"]:
+        raise TableError(f"--autosam-model {path} was trained with SAM '{meta['sam_backend']}', the table's rows use "
+                         f"'{config['model']['sam']['backend']}'")
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]
+    run = Run(slug, args.autosam_config, [], config, args.runs / f"{slug}-given-{digest}", given=Path(path))
+    if not args.dry_run and run.state() != "reuse":
+        run.folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, run.folder / "model.pt.partial")
+        (run.folder / "model.pt.partial").replace(run.folder / "model.pt")
+        write_atomic(run.folder / DONE_FILE, json.dumps(
+            {"finished": True, "given": str(path), "epochs": given_epochs(Path(path), meta),
+             "hardware": "trained elsewhere"},
+            indent=2) + "\n")
+    return run
+
+
 def plan_runs(args: argparse.Namespace, rows: Sequence[str]) -> Dict[Tuple[str, str], Run]:
     """{(run kind, count): Run} for every run the table's rows need; count is "all" except in label-efficiency."""
     from vps.train.trainer import split_images
@@ -252,7 +297,9 @@ def plan_runs(args: argparse.Namespace, rows: Sequence[str]) -> Dict[Tuple[str, 
                     override("data.val_clips", sorted(s.group for s in val_samples))]
             tag = f"{dataset}-n{number}"
         for kind in kinds:
-            if kind == "autosam":
+            if kind == "autosam" and args.autosam_model is not None:
+                runs[kind, count] = given_autosam_run(args, f"{tag}-autosam")
+            elif kind == "autosam":
                 runs[kind, count] = make_run(f"{tag}-autosam", autosam_config, data, args)
             else:
                 runs[kind, count] = make_run(f"{tag}-{kind}", head_config,
@@ -492,6 +539,8 @@ def published_text(entry: dict, metric: str) -> str:
 def run_time(row: Row, happened: Dict[str, str]) -> str:
     if row.run is None:
         return "-"
+    if row.run.given is not None:
+        return "given"
     seconds = read_json(row.run.folder / DONE_FILE).get("seconds")
     return f"{seconds:.0f} s, {happened.get(row.run.name, 'reused')}" if seconds is not None else "-"
 
@@ -501,6 +550,10 @@ def runs_block(runs: Sequence[Run], happened: Dict[str, str]) -> str:
     lines = ["Runs (wall time of their vps-train calls, on the hardware each recorded):"]
     for run in runs:
         done = read_json(run.folder / DONE_FILE)
+        if run.given is not None:
+            lines.append(f"  {run.name}: {run.epochs()} epochs, given: {run.given} (--autosam-model; its training is "
+                         "recorded with it, not timed here)")
+            continue
         lines.append(f"  {run.name}: {run.epochs()} epochs, {done.get('seconds', float('nan')):.0f} s, "
                      f"{happened.get(run.name, 'reused')}; {done.get('hardware', 'hardware not recorded')}")
     return "\n".join(lines)
@@ -594,6 +647,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                              "the validation split recorded in the checkpoints")
     parser.add_argument("--autosam-config", type=Path, help="the AutoSAM rows' config (g and h)")
     parser.add_argument("--head-config", type=Path, help="the prompt-free heads' config")
+    parser.add_argument("--autosam-model", type=Path, metavar="CHECKPOINT",
+                        help="monuseg, polyps: the AutoSAM rows (g, h, autosam_mask) from this trained g + h checkpoint "
+                             "instead of a run trained here ('builtin': the shipped polyp model); it must have been "
+                             "validated on the table's split")
     parser.add_argument("--rows", nargs="+", metavar="ROW", help=f"only these rows ({', '.join(ROW_KINDS)})")
     parser.add_argument("--counts", nargs="+", default=list(DEFAULT_COUNTS),
                         help="label-efficiency: numbers of training images, or 'all' (default %(default)s)")
@@ -634,6 +691,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     bad = [c for c in args.counts if c != "all" and not (c.isdigit() and int(c) >= 1)]
     if bad:
         parser.error(f"--counts: {', '.join(bad)} is neither a number of images >= 1 nor 'all'")
+    if args.autosam_model is not None and args.table == "label-efficiency":
+        parser.error("--autosam-model: the label-efficiency curve trains g on each number of images")
+    if args.autosam_model is not None and str(args.autosam_model) != "builtin":
+        args.autosam_model = args.autosam_model.expanduser().resolve()
     if args.tile is not None and args.tile < 0:
         parser.error("--tile must be >= 0")
     malformed = [s for s in args.set if "=" not in s]
@@ -694,6 +755,9 @@ def tables(args: argparse.Namespace) -> int:
 
     print(f"{PROG} --table {args.table}: {len(rows)} rows, {len(ordered)} runs in {args.runs}\nhardware: {where}")
     for run in ordered:
+        if run.given is not None:
+            print(f"  run {run.name}: given (--autosam-model {run.given}); nothing to train")
+            continue
         resume = states[run.name] == "continue"
         action = {"reuse": "reuse", "continue": "continue (vps-train --resume)", "train": "train"}[states[run.name]]
         print(f"  run {run.name}: {action}; {run.epochs()} epochs\n    {run.shown_command(resume)}")

@@ -176,6 +176,33 @@ def test_an_interrupted_run_continues_with_resume(monuseg):
     assert json.loads((linear / "paper_tables.json").read_text())["finished"] is True
 
 
+def test_autosam_rows_from_a_given_checkpoint_train_nothing_and_score_the_same(monuseg, tmp_path, capsys):
+    folder = monuseg["folder"]
+    trained = next((folder / "runs").glob("monuseg-autosam-*[0-9a-f]/model.pt"))
+    common = [a if a != folder / "runs" else tmp_path / "runs" for a in monuseg["common"]]  # no run to reuse
+    result = run_tables("--table", "monuseg", *common, "--rows", "g", "h", "--autosam-model", trained,
+                        "--out", tmp_path / "out")
+    out = result.stdout
+    assert re.search(r"run monuseg-autosam-given-[0-9a-f]{10}: given \(--autosam-model ", out)
+    assert "[1/" not in out and "trained model:" not in out  # vps-train never ran
+    given = next((tmp_path / "runs").glob("monuseg-autosam-given-*"))
+    assert (given / "model.pt").read_bytes() == trained.read_bytes()
+    labels = ("AutoSAM: g + frozen SAM", "light model h(g(I)), no SAM")
+    before = {label: line[len(label):].split()[:4] for line in table_lines(monuseg["first"].stdout)
+              for label in labels if line.startswith(label)}
+    now = {label: line[len(label):].split() for line in out.splitlines() for label in labels if line.startswith(label)}
+    assert len(before) == len(now) == 2
+    for label in labels:  # Dice, IoU, meanDice, meanIoU: the same weights give the same maps
+        assert now[label][:4] == before[label] and now[label][-1] == "given", (label, now[label])
+    assert re.search(r"monuseg-autosam-given-[0-9a-f]{10}: g 1, h 1 epochs, given: ", out)
+    head = next((folder / "runs").glob("monuseg-vit-*/model.pt"))
+    code, _, err = run_in_process(capsys, "--table", "monuseg", *common, "--autosam-model", head, "--dry-run")
+    assert code == 2 and "not an AutoSAM checkpoint with g and h" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        run_in_process(capsys, "--table", "label-efficiency", *common, "--autosam-model", trained)
+    assert "--autosam-model: the label-efficiency curve trains g" in capsys.readouterr().err
+
+
 def test_label_efficiency_curve_reuses_the_full_runs_and_plots(monuseg):
     folder = monuseg["folder"]
     result = run_tables("--table", "label-efficiency", *monuseg["common"], "--rows", "linear",
