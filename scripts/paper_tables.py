@@ -98,6 +98,7 @@ class Run:
     config: dict = field(repr=False)
     folder: Path = Path()
     given: Optional[Path] = None  # --autosam-model: a model trained elsewhere, copied into the folder, never trained
+    given_epochs: str = ""        # its epochs, from its header or the config beside it
 
 
     @property
@@ -122,7 +123,7 @@ class Run:
         from vps.config import training_stages
 
         if self.given is not None:
-            return read_json(self.folder / DONE_FILE).get("epochs", "?")
+            return self.given_epochs
         return ", ".join(f"{stage} {self.config[f'train_{stage}']['epochs']}" for stage in training_stages(self.config))
 
 
@@ -162,12 +163,16 @@ def config_hash(config: dict) -> str:
 
 
 def stage_epochs(config: dict, args: argparse.Namespace) -> List[str]:
-    """Overrides for every stage's epochs: ``--epochs STAGE=N`` or the config's times ``--epochs-scale``."""
+    """Overrides for every stage's epochs: ``--epochs STAGE=N`` (for a head, its type, e.g. ``linear=N``, before
+    ``head=N``) or the config's times ``--epochs-scale``."""
     from vps.config import training_stages
 
     result = []
     for stage in training_stages(config):
-        epochs = args.epochs.get(stage, max(1, round(int(config[f"train_{stage}"]["epochs"]) * args.epochs_scale)))
+        key = stage
+        if stage == "head" and (config["model"].get("head") or {}).get("type") in args.epochs:
+            key = config["model"]["head"]["type"]
+        epochs = args.epochs.get(key, max(1, round(int(config[f"train_{stage}"]["epochs"]) * args.epochs_scale)))
         result.append(override(f"train_{stage}.epochs", epochs))
     return result
 
@@ -233,7 +238,9 @@ def given_epochs(path: Path, meta: dict) -> str:
         config = yaml.safe_load((path.parent / "config.yaml").read_text()) or {}
         stages = [f"{stage} {config[f'train_{stage}']['epochs']}" for stage in ("g", "h")
                   if isinstance(config.get(f"train_{stage}"), dict) and "epochs" in config[f"train_{stage}"]]
-    return ", ".join(stages) or "not recorded"
+    text = ", ".join(stages) or "not recorded"
+    return text + (" (its last run, which started from another model: model.init_from)" if meta.get("init_from")
+                   else "")
 
 
 def given_autosam_run(args: argparse.Namespace, slug: str) -> Run:
@@ -253,14 +260,14 @@ def given_autosam_run(args: argparse.Namespace, slug: str) -> Run:
         raise TableError(f"--autosam-model {path} was trained with SAM '{meta['sam_backend']}', the table's rows use "
                          f"'{config['model']['sam']['backend']}'")
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]
-    run = Run(slug, args.autosam_config, [], config, args.runs / f"{slug}-given-{digest}", given=Path(path))
+    run = Run(slug, args.autosam_config, [], config, args.runs / f"{slug}-given-{digest}", given=Path(path),
+              given_epochs=given_epochs(Path(path), meta))
     if not args.dry_run and run.state() != "reuse":
         run.folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, run.folder / "model.pt.partial")
         (run.folder / "model.pt.partial").replace(run.folder / "model.pt")
         write_atomic(run.folder / DONE_FILE, json.dumps(
-            {"finished": True, "given": str(path), "epochs": given_epochs(Path(path), meta),
-             "hardware": "trained elsewhere"},
+            {"finished": True, "given": str(path), "hardware": "trained elsewhere"},
             indent=2) + "\n")
     return run
 
@@ -657,7 +664,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--epochs-scale", type=float, default=1.0,
                         help="every stage's epochs times this, rounded, at least 1 (default 1: the configs' recipe)")
     parser.add_argument("--epochs", nargs="+", default=[], metavar="STAGE=N",
-                        help="epochs of a stage (g, h, head) for every run, instead of --epochs-scale")
+                        help="epochs of a stage (g, h, head) for every run, instead of --epochs-scale; vit=N, cnn=N "
+                             "or linear=N for one head, before head=N")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run whose config has the key (e.g. model.sam.backend=vit_b "
                              "model.sam.checkpoint=sam_vit_b.pth); repeatable")
@@ -684,8 +692,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         args.epochs = {stage: int(n) for stage, n in (item.split("=", 1) for item in args.epochs)}
     except ValueError:
         parser.error("--epochs takes STAGE=N, e.g. g=20 h=10 head=30")
-    if set(args.epochs) - {"g", "h", "head"} or any(n < 1 for n in args.epochs.values()):
-        parser.error("--epochs: the stages are g, h and head, each with at least 1 epoch")
+    if set(args.epochs) - {"g", "h", "head", "vit", "cnn", "linear"} or any(n < 1 for n in args.epochs.values()):
+        parser.error("--epochs: the stages are g, h and head (or one head: vit, cnn, linear), each with at least "
+                     "1 epoch")
     if args.epochs_scale <= 0:
         parser.error("--epochs-scale must be > 0")
     bad = [c for c in args.counts if c != "all" and not (c.isdigit() and int(c) >= 1)]

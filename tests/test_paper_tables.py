@@ -125,6 +125,20 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert "maps of 9 of 9 rows to compute" in out and "tiles of 48 px" in out
 
 
+def test_epochs_of_one_head_override_the_heads_epochs(tmp_path, capsys):
+    train, test = write_nuclei(tmp_path / "train", 5, seed=0), write_nuclei(tmp_path / "test", 2, seed=1)
+    autosam, head = tiny_configs(tmp_path, train)
+    code, out, err = run_in_process(capsys, "--table", "monuseg", "--runs", tmp_path / "runs", "--cache-dir",
+                                    tmp_path / "cache", "--train", train, "--test", test, "--autosam-config", autosam,
+                                    "--head-config", head, "--epochs", "g=2", "h=1", "head=3", "linear=7", "--dry-run")
+    assert code == 0, err
+    planned = dict(re.findall(r"run monuseg-(\w+)-[0-9a-f]{10}: train; (.*) epochs", out))
+    assert planned == {"autosam": "g 2, h 1", "vit": "head 3", "cnn": "head 3", "linear": "head 7"}
+    with pytest.raises(SystemExit):
+        run_in_process(capsys, "--table", "monuseg", "--epochs", "unet=3", "--dry-run")
+    assert "--epochs: the stages are g, h and head (or one head: vit, cnn, linear)" in capsys.readouterr().err
+
+
 def test_table_has_every_row_with_vps_eval_numbers(monuseg):
     folder, out = monuseg["folder"], monuseg["first"].stdout
     rows = table_lines(out)
