@@ -230,7 +230,7 @@ def subset_folder(runs: Path, samples: list, count: int, seed: int, dry_run: boo
 
 
 def given_epochs(path: Path, meta: dict) -> str:
-    """"g N, h M": from an exported checkpoint's header (scripts/export_model.py), or from the config.yaml of the
+    """"g N, h M epochs": from an exported checkpoint's header (scripts/export_model.py), or from the config.yaml of the
     vps-train run folder that holds the checkpoint; "not recorded" otherwise."""
     stages = [f"{stage} {meta[f'stage_{stage}']['epochs']}" for stage in ("g", "h")
               if isinstance(meta.get(f"stage_{stage}"), dict)]
@@ -238,8 +238,8 @@ def given_epochs(path: Path, meta: dict) -> str:
         config = yaml.safe_load((path.parent / "config.yaml").read_text()) or {}
         stages = [f"{stage} {config[f'train_{stage}']['epochs']}" for stage in ("g", "h")
                   if isinstance(config.get(f"train_{stage}"), dict) and "epochs" in config[f"train_{stage}"]]
-    text = ", ".join(stages) or "not recorded"
-    return text + (" (its last run, which started from another model: model.init_from)" if meta.get("init_from")
+    text = f"{', '.join(stages)} epochs" if stages else "epochs not recorded"
+    return text + (" in its last run, which started from another model (model.init_from)" if meta.get("init_from")
                    else "")
 
 
@@ -558,7 +558,7 @@ def runs_block(runs: Sequence[Run], happened: Dict[str, str]) -> str:
     for run in runs:
         done = read_json(run.folder / DONE_FILE)
         if run.given is not None:
-            lines.append(f"  {run.name}: {run.epochs()} epochs, given: {run.given} (--autosam-model; its training is "
+            lines.append(f"  {run.name}: {run.epochs()}, given: {run.given} (--autosam-model; its training is "
                          "recorded with it, not timed here)")
             continue
         lines.append(f"  {run.name}: {run.epochs()} epochs, {done.get('seconds', float('nan')):.0f} s, "
