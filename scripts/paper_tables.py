@@ -100,7 +100,6 @@ class Run:
     given: Optional[Path] = None  # --autosam-model: a model trained elsewhere, copied into the folder, never trained
     given_epochs: str = ""        # its epochs, from its header or the config beside it
 
-
     @property
     def name(self) -> str:
         return self.folder.name
@@ -120,11 +119,14 @@ class Run:
         return " ".join(shlex.quote(part) for part in ["scripts/train_image.sh", *self.command(resume)[3:]])
 
     def epochs(self) -> str:
-        from vps.config import training_stages
+        return self.given_epochs if self.given is not None else config_epochs(self.config)
 
-        if self.given is not None:
-            return self.given_epochs
-        return ", ".join(f"{stage} {self.config[f'train_{stage}']['epochs']}" for stage in training_stages(self.config))
+
+def config_epochs(config: dict) -> str:
+    """"g N, h M" (AutoSAM) or "head N": the epochs of every stage a config trains."""
+    from vps.config import training_stages
+
+    return ", ".join(f"{stage} {config[f'train_{stage}']['epochs']}" for stage in training_stages(config))
 
 
 def read_json(path: Path) -> dict:
@@ -232,13 +234,11 @@ def subset_folder(runs: Path, samples: list, count: int, seed: int, dry_run: boo
 def given_epochs(path: Path, meta: dict) -> str:
     """"g N, h M epochs": from an exported checkpoint's header (scripts/export_model.py), or from the config.yaml of the
     vps-train run folder that holds the checkpoint; "not recorded" otherwise."""
-    stages = [f"{stage} {meta[f'stage_{stage}']['epochs']}" for stage in ("g", "h")
-              if isinstance(meta.get(f"stage_{stage}"), dict)]
-    if not stages and (path.parent / "config.yaml").is_file():
-        config = yaml.safe_load((path.parent / "config.yaml").read_text()) or {}
-        stages = [f"{stage} {config[f'train_{stage}']['epochs']}" for stage in ("g", "h")
-                  if isinstance(config.get(f"train_{stage}"), dict) and "epochs" in config[f"train_{stage}"]]
-    text = f"{', '.join(stages)} epochs" if stages else "epochs not recorded"
+    stages = ", ".join(f"{stage} {meta[f'stage_{stage}']['epochs']}" for stage in ("g", "h")
+                       if isinstance(meta.get(f"stage_{stage}"), dict))
+    if not stages and (path.parent / "config.yaml").is_file():  # vps-train saved it, validated
+        stages = config_epochs(yaml.safe_load((path.parent / "config.yaml").read_text()))
+    text = f"{stages} epochs" if stages else "epochs not recorded"
     return text + (" in its last run, which started from another model (model.init_from)" if meta.get("init_from")
                    else "")
 
@@ -556,11 +556,11 @@ def runs_block(runs: Sequence[Run], happened: Dict[str, str]) -> str:
     """Each run's training: epochs, wall time of its vps-train calls, whether it ran now, the hardware it ran on."""
     lines = ["Runs (wall time of their vps-train calls, on the hardware each recorded):"]
     for run in runs:
-        done = read_json(run.folder / DONE_FILE)
         if run.given is not None:
             lines.append(f"  {run.name}: {run.epochs()}, given: {run.given} (--autosam-model; its training is "
                          "recorded with it, not timed here)")
             continue
+        done = read_json(run.folder / DONE_FILE)
         lines.append(f"  {run.name}: {run.epochs()} epochs, {done.get('seconds', float('nan')):.0f} s, "
                      f"{happened.get(run.name, 'reused')}; {done.get('hardware', 'hardware not recorded')}")
     return "\n".join(lines)

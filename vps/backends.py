@@ -146,8 +146,9 @@ def onnx_cache_path(model: nn.Module, batch: int, input_size: int, cache_dir: Pa
     part of ``model`` whose weights the graph holds, when that is not all of it (default ``model``)."""
     import vps
 
-    key = hashlib.sha256(f"{weights_hash(weights if weights is not None else model)} vps {vps.__version__} torch {torch.__version__} "
-                         f"opset {ONNX_OPSET}".encode()).hexdigest()[:20]
+    hashed = weights_hash(weights if weights is not None else model)
+    key = hashlib.sha256(f"{hashed} vps {vps.__version__} torch {torch.__version__} opset {ONNX_OPSET}".encode()
+                         ).hexdigest()[:20]
     part = ("-first-pass" if refines_with_boxes(model) else "") + ("-flip-tta" if getattr(model, "flip_tta", False) else "")
     return cache_dir / "onnx" / f"{type(model).__name__}{part}-b{batch}-{input_size}px-{key}.onnx"
 
