@@ -5,11 +5,14 @@
 - with the cache, bf16 autocast for g and SAM's decoder (the trainer's default on CPUs with native bf16).
 
 All three time the same training steps (batch size 10, the paper's) on the same images, through the
-trainer's own dataset, loss and optimiser. The one-off cost of filling the cache is reported too.
-Per-epoch figures are per-image times times the epoch size (1300: the default recipe's CVC + Kvasir
-training images and polyp-free crops).
+trainer's own dataset, loss and optimiser. Per-epoch figures are per-image times times the epoch size
+(1300: the default recipe's CVC + Kvasir training images and polyp-free crops).
 
-    python scripts/bench_train_cache.py [--images 20] [--epoch-size 1300]
+The one-off cost of filling the cache (one pass of SAM's encoder per image and view) is timed with each
+encoder the trainer can use (``runtime.encoder_backend``), on the same images in one run: torch eager
+fp32 and bf16 autocast, and what ``auto`` picks on this machine (OpenVINO where installed).
+
+    python scripts/bench_train_cache.py [--images 20] [--epoch-size 1300] [--only steps fill]
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from typing import Optional
 import torch
 
 import vps
+from vps.backends import auto_candidates, image_encoder
 from vps.hardware import cpu_has_native_bf16, cpu_name
 from vps.modeling import build_prompt_generator, build_sam
 from vps.train.cache import EmbeddingCache
 from vps.train.data import discover_samples
-from vps.train.dataset import SegmentationDataset, fill_cache
-from vps.train.trainer import dice_bce_loss
+from vps.train.dataset import SegmentationDataset, fill_cache, missing_embeddings
+from vps.train.trainer import CACHE_FILL_BATCH, dice_bce_loss
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cvc-clinicdb-video"
 
@@ -56,12 +60,54 @@ def time_steps(dataset, sam, generator, batch_size: int, dtype: Optional[torch.d
     return time.perf_counter() - started
 
 
+def fill_seconds(samples, sam, encode, dtype: Optional[torch.dtype] = None) -> float:
+    """Seconds to fill an empty cache with the identity view of ``samples`` (the trainer's batch), with ``encode``."""
+    with tempfile.TemporaryDirectory() as cache_dir:
+        dataset = SegmentationDataset(samples, sam.image_size, 256, EmbeddingCache(cache_dir, "litemedsam"),
+                                      ["identity"])
+        todo = missing_embeddings(dataset, ["identity"])
+        autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        started = time.perf_counter()
+        with autocast:
+            fill_cache(dataset, encode, todo, torch.device("cpu"), batch_size=CACHE_FILL_BATCH, progress=False)
+        return time.perf_counter() - started
+
+
+def bench_fill(samples, sam) -> None:
+    precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    started = time.perf_counter()
+    auto = image_encoder(sam, torch.device("cpu"), "auto", precision, CACHE_FILL_BATCH)
+    start_up = time.perf_counter() - started
+    auto_name = "torch eager" if auto == sam.encode else auto_candidates(torch.device("cpu"))[0]
+    fill_seconds(samples[:CACHE_FILL_BATCH], sam, auto)  # warm-up
+    seconds = {"eager fp32": fill_seconds(samples, sam, sam.encode),
+               "eager bf16": fill_seconds(samples, sam, sam.encode, torch.bfloat16),
+               f"auto ({auto_name}, {precision})": fill_seconds(samples, sam, auto)}
+    print(f"cache fill, {len(samples)} images, batch {CACHE_FILL_BATCH} (once per image and view):")
+    for name, value in seconds.items():
+        print(f"{name:>36}: {value / len(samples):.3f} s/image")
+    print(f"auto's start-up (export and compile, or read from the cache): {start_up:.1f} s")
+    images = torch.stack([SegmentationDataset(samples, sam.image_size, 256).load(i)[1]
+                          for i in range(min(CACHE_FILL_BATCH, len(samples)))])
+    with torch.no_grad():
+        reference = sam.encode(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eager_bf16 = sam.encode(images).float()
+        scale = reference.abs().mean()
+        print(f"embeddings vs eager fp32, mean |difference| / mean |embedding|: eager bf16 "
+              f"{(eager_bf16 - reference).abs().mean() / scale:.4f}, auto {(auto(images) - reference).abs().mean() / scale:.4f}")
+    fastest_torch = min(seconds["eager fp32"], seconds["eager bf16"])
+    print(f"speed-up of the cache fill, auto vs the faster torch eager: {fastest_torch / list(seconds.values())[-1]:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED, help="image/mask data (default: the CVC clips)")
     parser.add_argument("--images", type=int, default=20, help="images timed each way")
     parser.add_argument("--epoch-size", type=int, default=1300)
     parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--only", nargs="+", choices=("steps", "fill"), default=["steps", "fill"],
+                        help="training steps with and without the cache (steps), the cache fill by encoder (fill)")
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"bench_train_cache: no data at {args.data} (pass --data with images and masks)")
@@ -71,12 +117,14 @@ def main() -> None:
     print(f"CPU: {cpu_name()} | nproc {os.cpu_count()} | torch {torch.__version__} | threads {torch.get_num_threads()} "
           f"| vps {vps.__version__} | {len(samples)} images, batch {args.batch_size} "
           f"| native bf16: {cpu_has_native_bf16()}")
+    if "fill" in args.only:
+        bench_fill(samples, sam)
+    if "steps" not in args.only:
+        return
     with tempfile.TemporaryDirectory() as cache_dir:
         cache = EmbeddingCache(cache_dir, "litemedsam")
         cached = SegmentationDataset(samples, sam.image_size, 256, cache, ["identity"])
-        started = time.perf_counter()
-        fill_cache(cached, sam, ["identity"], torch.device("cpu"), batch_size=1, progress=False)
-        fill_seconds = time.perf_counter() - started
+        fill_cache(cached, sam.encode, missing_embeddings(cached, ["identity"]), torch.device("cpu"), progress=False)
         uncached = SegmentationDataset(samples, sam.image_size, 256)
         time_steps(cached, sam, generator, args.batch_size)  # warm-up, both precisions
         time_steps(cached, sam, generator, args.batch_size, torch.bfloat16)
@@ -88,7 +136,6 @@ def main() -> None:
     for name, seconds in per_image.items():
         seconds /= len(samples)
         print(f"{name:>22}: {seconds:.3f} s/image -> {seconds * args.epoch_size:.0f} s per epoch of {args.epoch_size}")
-    print(f"cache fill (once per image and view): {fill_seconds / len(samples):.3f} s/image")
     print(f"speed-up with the cache (fp32): {without_cache / with_cache:.2f}x (goal: at least 5x)")
     print(f"speed-up of the epoch, bf16 after vs fp32 before: {with_cache / with_cache_bf16:.2f}x")
 

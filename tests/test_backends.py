@@ -99,14 +99,19 @@ def test_auto_takes_the_first_installed_backend(monkeypatch):
     assert backends.auto_candidates(torch.device("cuda")) == ("eager",)
 
 
-def test_auto_falls_back_to_eager_when_a_backend_fails_to_build(monkeypatch):
+def break_export(monkeypatch, export: str) -> None:
+    """OpenVINO first and installed, and its export ``export`` failing with a two-line error."""
     monkeypatch.setattr(backends, "AUTO_ORDER", ("openvino", "eager"))
     monkeypatch.setattr(backends, "is_installed", lambda name: True)
 
     def broken(*args, **kwargs):
         raise RuntimeError("unsupported operator\nmore detail")
 
-    monkeypatch.setattr(backends, "export_onnx", broken)
+    monkeypatch.setattr(backends, export, broken)
+
+
+def test_auto_falls_back_to_eager_when_a_backend_fails_to_build(monkeypatch):
+    break_export(monkeypatch, "export_onnx")
     with pytest.warns(UserWarning, match=r"backend openvino failed to build the model \(unsupported operator\)"):
         segmenter = vps.Segmenter(model=make_tiny_light())
     assert segmenter.backend == "eager"
@@ -154,3 +159,62 @@ def test_precision_follows_what_the_backend_runs(monkeypatch):
 def test_the_cli_offers_every_backend():
     action = next(a for a in build_parser()._actions if a.dest == "backend")
     assert tuple(action.choices) == BACKEND_CHOICES and action.default == "auto"
+
+
+# ---- SAM's image encoder for the training's embedding cache ---------------------------------------
+
+
+def encoder_images(count: int = 3, size: int = 64) -> torch.Tensor:
+    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_the_exported_image_encoder_equals_sam_encode(backend):
+    sam = make_tiny_sam()
+    images = encoder_images()
+    encode = backends.image_encoder(sam, torch.device("cpu"), backend, "fp32", batch=2)
+    assert encode is not sam.encode
+    expected = sam.encode(images)
+    # 3 images at batch 2: one full batch, one padded
+    embeddings = encode(images)
+    assert embeddings.shape == expected.shape == (3, *sam.embedding_shape)
+    assert (embeddings - expected).abs().max() < 1e-4 * expected.abs().max()
+    larger = encoder_images(size=80)  # e.g. a g larger than SAM's input: resized to SAM's, as sam.encode does
+    expected = sam.encode(larger)
+    assert (encode(larger) - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+@pytest.mark.skipif(not backends.is_installed("openvino"), reason="needs the openvino package")
+def test_the_openvino_bf16_image_encoder_is_within_the_bf16_tolerance_of_fp32():
+    sam = make_tiny_sam()
+    images = encoder_images()
+    expected = sam.encode(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_bf16 = sam.encode(images).float()
+    embeddings = backends.image_encoder(sam, torch.device("cpu"), "openvino", "bf16", batch=4)(images)
+    bf16_error = (eager_bf16 - expected).abs().mean()
+    assert (embeddings - expected).abs().mean() < max(3 * bf16_error, 1e-3 * expected.abs().mean())
+
+
+def test_the_image_encoder_is_sam_encode_where_auto_finds_no_exported_backend(monkeypatch):
+    sam = make_tiny_sam()
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("openvino", "eager"))
+    monkeypatch.setattr(backends, "is_installed", lambda name: name != "openvino")
+    assert backends.image_encoder(sam, torch.device("cpu"), "auto", "bf16", batch=4) == sam.encode
+    monkeypatch.setattr(backends, "is_installed", lambda name: True)
+    # on CUDA auto is torch (OpenVINO runs on the CPU only)
+    assert backends.image_encoder(sam, torch.device("cuda"), "auto", "bf16", batch=4) == sam.encode
+
+
+def test_the_image_encoder_falls_back_to_eager_or_names_the_config_key(monkeypatch):
+    sam = make_tiny_sam()
+    break_export(monkeypatch, "export_image_encoder")
+    with pytest.warns(UserWarning, match=r"backend openvino failed to build SAM's image encoder \(unsupported operator\)"):
+        assert backends.image_encoder(sam, torch.device("cpu"), "auto", "bf16", batch=4) == sam.encode
+    option = "runtime.encoder_backend"
+    with pytest.raises(BackendError, match=f"^{option} openvino failed to build SAM's image encoder: unsupported operator$"):
+        backends.image_encoder(sam, torch.device("cpu"), "openvino", "bf16", batch=4, option=option)
+    monkeypatch.setattr(backends, "is_installed", lambda name: name != "openvino")
+    with pytest.raises(BackendError, match=rf"^{option} openvino: the openvino package is not installed; "
+                                           rf"pip install 'vps\[openvino\]' \(or use {option} eager\)$"):
+        backends.image_encoder(sam, torch.device("cpu"), "openvino", "bf16", batch=4, option=option)

@@ -20,7 +20,7 @@ from vps.config import ConfigError, apply_overrides
 from vps.modeling import build_sam, read_checkpoint
 from vps.train.cache import EmbeddingCache
 from vps.train.data import DataError, discover_samples, split_by_group
-from vps.train.dataset import SegmentationDataset, fill_cache
+from vps.train.dataset import SegmentationDataset, fill_cache, missing_embeddings
 from vps.train.trainer import dice_bce_loss, train
 
 TINY_SAM = {"backend": "vit_b", "checkpoint": None, "pretrained": False, "image_size": 64, "patch_size": 1,
@@ -101,13 +101,36 @@ def test_cache_returns_the_fresh_encoder_embedding(tmp_path):
     sam = build_sam(**{k: v for k, v in TINY_SAM.items() if k != "checkpoint"})
     cache = EmbeddingCache(tmp_path / "cache", "tiny")
     dataset = SegmentationDataset(discover_samples(data), 64, 256, cache, ["identity", "hflip"])
-    assert fill_cache(dataset, sam, ["identity", "hflip"], torch.device("cpu"), progress=False) == 4
-    assert fill_cache(dataset, sam, ["identity", "hflip"], torch.device("cpu"), progress=False) == 0
+    todo = missing_embeddings(dataset, ["identity", "hflip"])
+    assert fill_cache(dataset, sam.encode, todo, torch.device("cpu"), progress=False) == 4
+    assert missing_embeddings(dataset, ["identity", "hflip"]) == []
     key, image, _ = dataset.load(1)
     fresh = sam.encode(image.flip(-1)[None])[0]
     cached = cache.get(key, "hflip").float()
     assert torch.allclose(cached, fresh, atol=2e-3 * fresh.abs().max().item())
     assert not torch.allclose(cached, cache.get(key, "identity").float())
+
+
+def test_the_cache_is_filled_by_the_configured_encoder_only_where_embeddings_are_missing(tmp_path, monkeypatch):
+    from vps.train import trainer
+
+    data = write_clips(tmp_path / "data", frames=2)
+    built = []
+
+    def spy(sam, device, backend, *args, **kwargs):
+        built.append(backend)
+        return trainer_image_encoder(sam, device, backend, *args, **kwargs)
+
+    trainer_image_encoder = trainer.image_encoder
+    monkeypatch.setattr(trainer, "image_encoder", spy)
+    config = tiny_config(data, tmp_path / "cache", epochs=1)
+    config["runtime"]["encoder_backend"] = "eager"
+    train(config, tmp_path / "first", stages=("g",))
+    assert built == ["eager"]
+    # training clips c0 and c1 (4 frames) in the identity and hflip views, validation clip c2 (2 frames) as it is
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 4 * 2 + 2
+    train(config, tmp_path / "second", stages=("g",))
+    assert built == ["eager"]  # every embedding was cached: no encoder built, no export
 
 
 def test_derived_views_transform_the_cached_identity_embedding_with_the_image_and_mask(tmp_path):
@@ -116,7 +139,8 @@ def test_derived_views_transform_the_cached_identity_embedding_with_the_image_an
     cache = EmbeddingCache(tmp_path / "cache", "tiny")
     dataset = SegmentationDataset(discover_samples(data), 64, 256, cache, ["identity"], derived_views=["rot90"])
     assert dataset.cached_views == ["identity"]  # the derived view's source, no rot90 entry
-    assert fill_cache(dataset, sam, dataset.cached_views, torch.device("cpu"), progress=False) == 1
+    assert fill_cache(dataset, sam.encode, missing_embeddings(dataset, dataset.cached_views), torch.device("cpu"),
+                      progress=False) == 1
     key, image, mask = dataset.load(0)
     identity = cache.get(key, "identity")
     seen = set()
@@ -206,6 +230,11 @@ def test_overrides_reject_unknown_keys():
     assert apply_overrides(config, ["train_g.epochs=3"])["train_g"]["epochs"] == 3
     with pytest.raises(ConfigError, match="unknown key"):
         apply_overrides(config, ["train_g.epoch=3"])
+    # a setting the trainer reads may be added where the file leaves it to its default
+    config = {"runtime": {"device": "cpu"}}
+    assert apply_overrides(config, ["runtime.encoder_backend=eager"])["runtime"]["encoder_backend"] == "eager"
+    with pytest.raises(ConfigError, match="unknown key 'runtime.encoder' "):
+        apply_overrides(config, ["runtime.encoder=eager"])
 
 
 def _free_port() -> int:

@@ -112,6 +112,7 @@ def test_resume_accepts_epochs_and_repeated_values_and_needs_a_run(saved_run, tm
     ("data.val_fraction=2", "data.val_fraction must be a number in [0, 1), got 2"),
     ("runtime.num_workers=-1", "runtime.num_workers must be an integer >= 0"),
     ("runtime.precision=fp8", "runtime.precision must be one of auto|fp32|bf16|fp16"),
+    ("runtime.encoder_backend=gpu", "runtime.encoder_backend must be one of auto|eager|openvino|onnx|compile"),
     ("cache.views=[identity,sideways]", "cache.views must be a non-empty list of views"),
     ("cache.derived_views=[sideways]", "cache.derived_views must be null or a list of views"),
     ("model.sam.backend=vit_x", "model.sam.backend must be one of"),

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -75,18 +76,19 @@ def is_installed(name: str) -> bool:
     return package is None or importlib.util.find_spec(package) is not None
 
 
-def check_backend(name: str, device: torch.device, precision: str) -> None:
-    """A BackendError with a one-line reason when backend ``name`` cannot run on ``device`` in ``precision``."""
+def check_backend(name: str, device: torch.device, precision: str, option: str = "--backend") -> None:
+    """A BackendError with a one-line reason when backend ``name`` cannot run on ``device`` in ``precision``;
+    ``option`` is how the user chose it (a CLI flag or a config key)."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend '{name}'; expected one of {', '.join(BACKEND_CHOICES)}")
     spec = BACKENDS[name]
     if not is_installed(name):
-        raise BackendError(f"--backend {name}: the {spec.package} package is not installed; "
-                           f"pip install 'vps[{spec.extra}]' (or use --backend eager)")
+        raise BackendError(f"{option} {name}: the {spec.package} package is not installed; "
+                           f"pip install 'vps[{spec.extra}]' (or use {option} eager)")
     if device.type not in spec.devices:
-        raise BackendError(f"--backend {name} runs on {' or '.join(spec.devices)}, not {device.type}")
+        raise BackendError(f"{option} {name} runs on {' or '.join(spec.devices)}, not {device.type}")
     if precision not in spec.precisions:
-        raise BackendError(f"--backend {name} runs {' or '.join(spec.precisions)}, not {precision}")
+        raise BackendError(f"{option} {name} runs {' or '.join(spec.precisions)}, not {precision}")
 
 
 def check_input_size(name: str, input_size: Optional[int]) -> None:
@@ -178,6 +180,26 @@ def box_decoder_cache_path(sam: nn.Module, cache_dir: Path) -> Path:
     mask decoder (the image encoder, most of SAM, is not hashed)."""
     decoding = nn.ModuleList([sam.prompt_encoder, sam.mask_decoder])
     return onnx_cache_path(BoxDecoder(sam), 1, sam.image_size, cache_dir, weights=decoding)
+
+
+class ImageEncoder(nn.Module):
+    """SAM's image encoding as one function, for export: B x 3 x S x S images in [0, 1] -> B x 256 x 64 x 64
+    embeddings (``sam.encode``: resize to SAM's input, normalise, encode)."""
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.sam = sam
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.sam.image_encoder(self.sam.preprocess(images))
+
+
+def export_image_encoder(sam: nn.Module, batch: int, input_size: int, cache_dir: Path) -> Path:
+    """SAM's ``ImageEncoder`` as an ONNX file for a fixed batch and input size, exported once and cached (keyed by
+    the image encoder's weights)."""
+    path = onnx_cache_path(ImageEncoder(sam), batch, input_size, cache_dir, weights=sam.image_encoder)
+    return _export_cached(path, ImageEncoder(sam), (torch.rand(batch, 3, input_size, input_size),), ["images"],
+                          ["embeddings"])
 
 
 def export_box_decoder(sam: nn.Module, cache_dir: Path) -> Path:
@@ -355,3 +377,54 @@ def _first_runner(name: str, model: nn.Module, precision: str, input_size: int, 
     else:
         raise BackendError(f"no runner for backend '{name}'")
     return StaticBatchRunner(build)
+
+
+def image_encoder(sam: nn.Module, device: torch.device, backend: str, precision: str, batch: int,
+                  threads: Optional[int] = None, cache_dir: Optional[Path] = None,
+                  option: str = "--backend") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function that computes SAM's image embeddings (B x 3 x H x W in [0, 1] -> B x 256 x 64 x 64), for the
+    training's embedding cache.
+
+    ``eager`` is ``sam.encode`` (the caller's autocast applies); ``compile`` is ``torch.compile`` of it; an exported
+    backend runs ``ImageEncoder`` compiled for ``batch`` at SAM's input size (images of another size are resized in
+    torch first, as ``sam.preprocess`` does), in ``precision`` where it runs it, else in its own (ONNX Runtime:
+    fp32). ``auto`` tries ``auto_candidates(device)`` in order and skips, with a one-line warning, one that fails to
+    build. Built here, so the start-up cost and errors come up front; a named backend that cannot run is a
+    BackendError naming ``option``.
+    """
+    names = auto_candidates(device) if backend == "auto" else (backend,)
+    cache_dir = cache_dir or cache_root()
+    threads = threads or torch.get_num_threads()
+    size = int(sam.image_size)
+    for name in names:
+        run_precision = backend_precision(name, precision, "auto")
+        check_backend(name, device, run_precision, option)
+        if name == "eager":
+            return sam.encode
+        if name == "compile":
+            return torch.compile(ImageEncoder(sam).eval(), options={"freezing": True})
+
+        def build(count: int, name: str = name) -> Session:
+            onnx_file = export_image_encoder(sam, count, size, cache_dir)
+            if name == "openvino":
+                return openvino_session(onnx_file, run_precision, threads, cache_dir / "openvino")
+            return onnxruntime_session(onnx_file, threads)
+
+        runner = StaticBatchRunner(build)
+        try:
+            runner.prepare(batch)
+        except Exception as error:  # export or compilation: many error types from many packages
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            if backend != "auto":
+                raise BackendError(f"{option} {name} failed to build SAM's image encoder: {reason}") from error
+            warnings.warn(f"backend {name} failed to build SAM's image encoder ({reason}); trying the next one")
+            continue
+
+        def encode(images: torch.Tensor, runner: StaticBatchRunner = runner) -> torch.Tensor:
+            if images.shape[-2:] != (size, size):
+                images = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
+                                       antialias=True)
+            return runner(images)
+
+        return encode
+    raise BackendError("no backend could run SAM's image encoder")  # unreachable: eager is in every candidate list

@@ -40,13 +40,13 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
             if not isinstance(node.get(key), dict):
                 raise ConfigError(f"override '{override}': no section '{key}' in the config")
             node = node[key]
-        if keys[-1] not in node:
+        if keys[-1] not in node and SETTABLE.get(dotted) is None:
             raise ConfigError(f"override '{override}': unknown key '{dotted}' (known here: {', '.join(node)})")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override '{override}': cannot parse value '{raw}'") from None
-        if isinstance(node[keys[-1]], dict) and not isinstance(value, dict):
+        if isinstance(node.get(keys[-1]), dict) and not isinstance(value, dict):
             raise ConfigError(f"override '{override}': '{dotted}' is a section, not a value; set one of its keys "
                               f"({', '.join(f'{dotted}.{k}' for k in node[keys[-1]])})")
         node[keys[-1]] = value
@@ -94,6 +94,7 @@ _SAM_BACKENDS = _choices("vps.modeling.build_sam", "SAM_BACKENDS")
 _HEAD_TYPES = _choices("vps.modeling.build_head", "HEAD_TYPES")
 _VIEWS = _choices("vps.train.augment", "VIEWS")
 _PRECISIONS = _choices("vps.inference", "PRECISIONS", ("auto",))
+_BACKENDS = _choices("vps.backends", "BACKEND_CHOICES")
 _VIEW_LIST = "list of views (identity, hflip, vflip, rot90, rot180, rot270)"
 
 
@@ -130,6 +131,7 @@ KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "views": (lambda v: _is_view_list(v) and len(v) > 0, f"a non-empty {_VIEW_LIST}"),
     "views?": (lambda v: v is None or _is_view_list(v), f"null or a {_VIEW_LIST}"),
     "precision": (lambda v: v in _PRECISIONS(), "one of auto|fp32|bf16|fp16"),
+    "encoder_backend": (lambda v: v in _BACKENDS(), "one of auto|eager|openvino|onnx|compile"),
 }
 FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share")
 
@@ -173,6 +175,7 @@ SCHEMA: Dict[str, Tuple[str, bool]] = {
     "runtime.device": ("str", False),
     "runtime.precision": ("precision", False),
     "runtime.num_workers": ("int>=0", False),
+    "runtime.encoder_backend": ("encoder_backend", False),
     "runtime.seed": ("int", False),
 }
 # The keys of each kind of model (model.head.type): AutoSAM trains g then h; a prompt-free head is one stage.
@@ -190,6 +193,9 @@ HEAD_SCHEMA: Dict[str, Tuple[str, bool]] = {
     "train_head": ("section", True),
     **{f"train_head.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
 }
+# The settings an override may add where a config file leaves them to their defaults (a typo is still an error).
+SETTABLE: Dict[str, str] = {key: kind for schema in (SCHEMA, AUTOSAM_G_SCHEMA, HEAD_SCHEMA)
+                            for key, (kind, _) in schema.items() if not kind.startswith("section")}
 
 
 def head_type(config: Dict[str, Any]) -> str:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from vps.progress import Progress
 
-from vps.modeling.sam import FrozenSam
+from vps.progress import Progress
 from vps.train.augment import apply_view, geometric_pair
 from vps.train.cache import EmbeddingCache
 from vps.train.data import Sample, read_pair
@@ -118,27 +117,38 @@ class SegmentationDataset(Dataset):
         return {"image": image.clamp(0, 1), "mask": mask}
 
 
-@torch.no_grad()
-def fill_cache(dataset: SegmentationDataset, sam: FrozenSam, views: Sequence[str], device: torch.device,
-               batch_size: int = 4, shard: tuple = (0, 1), progress: bool = True) -> int:
-    """Compute the missing (image, view) embeddings of ``dataset`` with ``sam``. Returns how many were computed.
+def missing_embeddings(dataset: SegmentationDataset, views: Sequence[str], shard: tuple = (0, 1)
+                       ) -> List[Tuple[int, str]]:
+    """The (image index, view) pairs of ``dataset`` whose embedding is not in its cache yet.
 
-    ``shard=(rank, world_size)`` splits the work between distributed processes.
+    ``shard=(rank, world_size)``: this process's share of the images, when distributed processes split the work.
     """
     cache = dataset.cache
     assert cache is not None
     rank, world = shard
-    todo: List[tuple] = []
+    todo: List[Tuple[int, str]] = []
     for index in range(rank, len(dataset), world):
         key, _, _ = dataset.load(index)
         todo += [(index, view) for view in views if not cache.has(key, view)]
+    return todo
+
+
+@torch.no_grad()
+def fill_cache(dataset: SegmentationDataset, encode: Callable[[torch.Tensor], torch.Tensor],
+               todo: Sequence[Tuple[int, str]], device: torch.device, batch_size: int = 4,
+               progress: bool = True) -> int:
+    """Compute the embeddings ``todo`` (``missing_embeddings``) with ``encode`` (``sam.encode``, or SAM's encoder
+    run by another backend: ``vps.backends.image_encoder``) and store them. Returns how many were computed."""
+    cache = dataset.cache
+    assert cache is not None
     bar = Progress("SAM embeddings", len(todo), "image", quiet=not progress or not todo, prefix="vps-train")
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        images = torch.stack([apply_view(dataset.load(i)[1], v) for i, v in chunk]).to(device)
-        embeddings = sam.encode(images)
+        loaded = {index: dataset.load(index) for index in {index for index, _ in chunk}}
+        images = torch.stack([apply_view(loaded[i][1], v) for i, v in chunk]).to(device)
+        embeddings = encode(images)
         for (index, view), embedding in zip(chunk, embeddings):
-            cache.put(dataset.load(index)[0], view, embedding)
+            cache.put(loaded[index][0], view, embedding)
         bar.update(len(chunk))
     bar.close()
     return len(todo)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from vps.backends import image_encoder
 from vps.config import class_names, save_config
 from vps.inference import autocast_dtype, resolve_device, resolve_precision
 from vps.modeling import build_prompt_generator, build_sam, build_surrogate, checkpoint_metadata, save_checkpoint
@@ -31,10 +32,11 @@ from vps.train.augment import build_geometric, build_photometric
 from vps.train.cache import EmbeddingCache, sam_cache_id
 from vps.train.crops import random_crops
 from vps.train.data import as_root_list, split_sources
-from vps.train.dataset import SegmentationDataset, fill_cache
+from vps.train.dataset import SegmentationDataset, fill_cache, missing_embeddings
 from vps.train.negatives import polyp_free_crops
 
 MODEL_FILE = "model.pt"
+CACHE_FILL_BATCH = 4  # images per pass of SAM's encoder when filling the embedding cache
 PLOT_INTERVAL_SECONDS = 30.0
 
 
@@ -331,14 +333,30 @@ def cached_datasets(config: Dict[str, Any], train_samples, val_samples, sam, sam
                                     None if cache else geometric, derived_views=derived)
     val_set = SegmentationDataset(val_samples, image_size, mask_size, cache) if val_samples else None
     if cache is not None:
-        with runtime.autocast():
-            fill_cache(train_set, sam, train_set.cached_views, runtime.device, shard=(runtime.rank, runtime.world_size),
-                       progress=runtime.is_main)
-            if val_set is not None:
-                fill_cache(val_set, sam, val_set.cached_views, runtime.device, shard=(runtime.rank, runtime.world_size),
-                           progress=runtime.is_main)
+        shard = (runtime.rank, runtime.world_size)
+        todo = [(dataset, missing_embeddings(dataset, dataset.cached_views, shard))
+                for dataset in (train_set, val_set) if dataset is not None]
+        if runtime.mean(float(sum(len(missing) for _, missing in todo))) > 0:
+            encode = cache_encoder(sam, config.get("runtime", {}).get("encoder_backend", "auto"), runtime)
+            with runtime.autocast():
+                for dataset, missing in todo:
+                    fill_cache(dataset, encode, missing, runtime.device, batch_size=CACHE_FILL_BATCH,
+                               progress=runtime.is_main)
         runtime.barrier()
     return train_set, val_set
+
+
+def cache_encoder(sam, backend: str, runtime: Runtime):
+    """SAM's image encoder that fills the embedding cache, run by ``runtime.encoder_backend`` (auto: OpenVINO on a
+    CPU where it is installed, about 4x torch there; docs/training.md). The main process builds it first, so that
+    the others find its export and compiled blobs cached instead of writing them at the same time."""
+    def build():
+        return image_encoder(sam, runtime.device, backend, runtime.precision, CACHE_FILL_BATCH,
+                             option="runtime.encoder_backend")
+
+    encode = build() if runtime.is_main else None
+    runtime.barrier()
+    return encode if encode is not None else build()
 
 
 def split_images(config: Dict[str, Any]):
