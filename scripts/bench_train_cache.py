@@ -80,9 +80,10 @@ def bench_fill(samples, sam) -> None:
     start_up = time.perf_counter() - started
     auto_name = "torch eager" if auto == sam.encode else auto_candidates(torch.device("cpu"))[0]
     fill_seconds(samples[:CACHE_FILL_BATCH], sam, auto)  # warm-up
+    auto_label = f"auto ({auto_name}, {precision})"
     seconds = {"eager fp32": fill_seconds(samples, sam, sam.encode),
                "eager bf16": fill_seconds(samples, sam, sam.encode, torch.bfloat16),
-               f"auto ({auto_name}, {precision})": fill_seconds(samples, sam, auto)}
+               auto_label: fill_seconds(samples, sam, auto)}
     print(f"cache fill, {len(samples)} images, batch {CACHE_FILL_BATCH} (once per image and view):")
     for name, value in seconds.items():
         print(f"{name:>36}: {value / len(samples):.3f} s/image")
@@ -97,7 +98,7 @@ def bench_fill(samples, sam) -> None:
         print(f"embeddings vs eager fp32, mean |difference| / mean |embedding|: eager bf16 "
               f"{(eager_bf16 - reference).abs().mean() / scale:.4f}, auto {(auto(images) - reference).abs().mean() / scale:.4f}")
     fastest_torch = min(seconds["eager fp32"], seconds["eager bf16"])
-    print(f"speed-up of the cache fill, auto vs the faster torch eager: {fastest_torch / list(seconds.values())[-1]:.2f}x")
+    print(f"speed-up of the cache fill, auto vs the faster torch eager: {fastest_torch / seconds[auto_label]:.2f}x")
 
 
 def main() -> None:

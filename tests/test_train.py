@@ -116,12 +116,12 @@ def test_the_cache_is_filled_by_the_configured_encoder_only_where_embeddings_are
 
     data = write_clips(tmp_path / "data", frames=2)
     built = []
+    real_image_encoder = trainer.image_encoder
 
     def spy(sam, device, backend, *args, **kwargs):
         built.append(backend)
-        return trainer_image_encoder(sam, device, backend, *args, **kwargs)
+        return real_image_encoder(sam, device, backend, *args, **kwargs)
 
-    trainer_image_encoder = trainer.image_encoder
     monkeypatch.setattr(trainer, "image_encoder", spy)
     config = tiny_config(data, tmp_path / "cache", epochs=1)
     config["runtime"]["encoder_backend"] = "eager"

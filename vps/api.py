@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import vps.modeling as modeling
-from vps.backends import BackendError, auto_candidates, backend_precision, check_backend
+from vps.backends import BackendError, auto_candidates, backend_precision, build_failure, check_backend
 from vps.inference import ExponentialSmoother, SegmentationEngine, autocast_dtype, resolve_device, resolve_precision
 from vps.modeling import CheckpointError, LightModel
 from vps.video import Clip, FrameSource, Prefetcher, open_clip
@@ -262,7 +262,7 @@ def build_engine(network: nn.Module, device: torch.device, precision: str, reque
         try:
             engine.prepare(batch_size)
         except Exception as error:  # export or compilation: many error types from many packages
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = build_failure(error)
             if backend != "auto" or name == "eager":
                 raise BackendError(f"--backend {name} failed to build the model: {reason}") from error
             warnings.warn(f"backend {name} failed to build the model ({reason}); trying the next one")

@@ -23,7 +23,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -191,7 +190,7 @@ class ImageEncoder(nn.Module):
         self.sam = sam
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.sam.image_encoder(self.sam.preprocess(images))
+        return self.sam.encode(images)
 
 
 def export_image_encoder(sam: nn.Module, batch: int, input_size: int, cache_dir: Path) -> Path:
@@ -328,6 +327,20 @@ def onnxruntime_session(onnx_file: Path, threads: int) -> Session:
     return lambda *arrays: session.run(None, dict(zip(names, arrays)))
 
 
+def exported_session(name: str, onnx_file: Path, precision: str, threads: int, cache_dir: Path) -> Session:
+    """A session of the exported backend ``name`` (openvino or onnx) on an ONNX file."""
+    if name == "openvino":
+        return openvino_session(onnx_file, precision, threads, cache_dir / "openvino")
+    if name == "onnx":
+        return onnxruntime_session(onnx_file, threads)
+    raise BackendError(f"no runner for backend '{name}'")
+
+
+def build_failure(error: BaseException) -> str:
+    """The one-line reason of an export or compilation failure (many error types from many packages)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class CompiledRunner:
     """``torch.compile`` (inductor, weights frozen) of ``model.low_res_logits`` (of ``first_pass`` for a model that
     refines with boxes), under the engine's autocast."""
@@ -352,14 +365,12 @@ def build_runner(name: str, model: nn.Module, precision: str, input_size: int,
     runner = _first_runner(name, model, precision, input_size, threads, cache_dir)
     if not refines_with_boxes(model):
         return runner
-    build_box_session = None
-    if name == "openvino":
-        def build_box_session() -> Session:
-            return openvino_session(export_box_decoder(model.sam, cache_dir), precision, threads,
-                                    cache_dir / "openvino")
-    elif name == "onnx":
-        def build_box_session() -> Session:
-            return onnxruntime_session(export_box_decoder(model.sam, cache_dir), threads)
+    if name == "compile":
+        return RefiningRunner(runner, model)
+
+    def build_box_session() -> Session:
+        return exported_session(name, export_box_decoder(model.sam, cache_dir), precision, threads, cache_dir)
+
     return RefiningRunner(runner, model, build_box_session)
 
 
@@ -367,15 +378,12 @@ def _first_runner(name: str, model: nn.Module, precision: str, input_size: int, 
     """The runner of the exported (or compiled) part: ``LowResLogits`` of the model."""
     if name == "compile":
         return CompiledRunner(model)
-    if name == "openvino":
-        def build(batch: int) -> Session:
-            onnx_file = export_onnx(model, batch, input_size, cache_dir)
-            return openvino_session(onnx_file, precision, threads, cache_dir / "openvino")
-    elif name == "onnx":
-        def build(batch: int) -> Session:
-            return onnxruntime_session(export_onnx(model, batch, input_size, cache_dir), threads)
-    else:
+    if name not in ("openvino", "onnx"):
         raise BackendError(f"no runner for backend '{name}'")
+
+    def build(batch: int) -> Session:
+        return exported_session(name, export_onnx(model, batch, input_size, cache_dir), precision, threads, cache_dir)
+
     return StaticBatchRunner(build)
 
 
@@ -392,6 +400,8 @@ def image_encoder(sam: nn.Module, device: torch.device, backend: str, precision:
     build. Built here, so the start-up cost and errors come up front; a named backend that cannot run is a
     BackendError naming ``option``.
     """
+    from vps.inference import resize_images  # vps.inference builds on this module
+
     names = auto_candidates(device) if backend == "auto" else (backend,)
     cache_dir = cache_dir or cache_root()
     threads = threads or torch.get_num_threads()
@@ -405,26 +415,21 @@ def image_encoder(sam: nn.Module, device: torch.device, backend: str, precision:
             return torch.compile(ImageEncoder(sam).eval(), options={"freezing": True})
 
         def build(count: int, name: str = name) -> Session:
-            onnx_file = export_image_encoder(sam, count, size, cache_dir)
-            if name == "openvino":
-                return openvino_session(onnx_file, run_precision, threads, cache_dir / "openvino")
-            return onnxruntime_session(onnx_file, threads)
+            return exported_session(name, export_image_encoder(sam, count, size, cache_dir), run_precision, threads,
+                                    cache_dir)
 
         runner = StaticBatchRunner(build)
         try:
             runner.prepare(batch)
         except Exception as error:  # export or compilation: many error types from many packages
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = build_failure(error)
             if backend != "auto":
                 raise BackendError(f"{option} {name} failed to build SAM's image encoder: {reason}") from error
             warnings.warn(f"backend {name} failed to build SAM's image encoder ({reason}); trying the next one")
             continue
 
         def encode(images: torch.Tensor, runner: StaticBatchRunner = runner) -> torch.Tensor:
-            if images.shape[-2:] != (size, size):
-                images = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
-                                       antialias=True)
-            return runner(images)
+            return runner(resize_images(images.float(), size))
 
         return encode
     raise BackendError("no backend could run SAM's image encoder")  # unreachable: eager is in every candidate list

@@ -40,7 +40,7 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
             if not isinstance(node.get(key), dict):
                 raise ConfigError(f"override '{override}': no section '{key}' in the config")
             node = node[key]
-        if keys[-1] not in node and SETTABLE.get(dotted) is None:
+        if keys[-1] not in node and dotted not in SETTABLE:
             raise ConfigError(f"override '{override}': unknown key '{dotted}' (known here: {', '.join(node)})")
         try:
             value = yaml.safe_load(raw)
@@ -194,8 +194,8 @@ HEAD_SCHEMA: Dict[str, Tuple[str, bool]] = {
     **{f"train_head.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
 }
 # The settings an override may add where a config file leaves them to their defaults (a typo is still an error).
-SETTABLE: Dict[str, str] = {key: kind for schema in (SCHEMA, AUTOSAM_G_SCHEMA, HEAD_SCHEMA)
-                            for key, (kind, _) in schema.items() if not kind.startswith("section")}
+SETTABLE = frozenset(key for schema in (SCHEMA, AUTOSAM_G_SCHEMA, HEAD_SCHEMA)
+                     for key, (kind, _) in schema.items() if not kind.startswith("section"))
 
 
 def head_type(config: Dict[str, Any]) -> str:
