@@ -32,8 +32,8 @@ def main() -> None:
         log = args.run / f"log_{stage}.csv"
         if log.is_file():
             rows = list(csv.DictReader(log.open()))
-            best = max(rows, key=lambda r: float(r["val_dice"]))
-            meta[f"stage_{stage}"] = {"epochs": len(rows), "best_epoch": int(best["epoch"]),
+            best = max(rows, key=lambda r: float(r["val_dice"]))  # epoch 0: the starting model of a fine-tuning
+            meta[f"stage_{stage}"] = {"epochs": sum(int(r["epoch"]) > 0 for r in rows), "best_epoch": int(best["epoch"]),
                                       "best_val_dice": float(best["val_dice"])}
     generator = build_prompt_generator(meta["prompt_generator"], pretrained_backbone=False)
     generator.load_state_dict(payload["prompt_generator"])

@@ -298,6 +298,8 @@ def test_a_fine_tune_that_only_gets_worse_keeps_the_starting_model(tmp_path, mon
     config["model"]["init_from"] = str(trained)
     train(config, tmp_path / "tuned", stages=("g",))
     assert "g before training (model.init_from): validation Dice 0.9000" in capsys.readouterr().out
+    log = (tmp_path / "tuned" / "log_g.csv").read_text().splitlines()
+    assert [(r.split(",")[0], r.split(",")[4]) for r in log[1:]] == [("0", "0.9"), ("1", "0.2"), ("2", "0.3")]
     kept = read_checkpoint(tmp_path / "tuned" / "model.pt")["prompt_generator"]
     moved = torch.load(tmp_path / "tuned" / "g_last.pt", weights_only=True)["module"]
     assert all(torch.equal(v, start[k]) for k, v in kept.items())
@@ -367,3 +369,70 @@ def test_g_larger_than_sam_sees_images_at_its_own_size(tmp_path, monkeypatch):
     model_path = train(config, tmp_path / "run")
     assert seen_by_g == {(96, 96)}
     assert read_checkpoint(model_path)["meta"]["prompt_generator"]["input_size"] == 96
+
+
+def test_augmenting_a_batch_on_the_device_draws_what_the_loader_workers_would(tmp_path):
+    from vps.train.augment import BatchAugment, build_geometric, build_photometric
+
+    samples = discover_samples(write_clips(tmp_path / "data", clips=1, frames=3))
+    recipe = {"hflip": True, "vflip": True, "rotate": 90, "scale": [0.75, 1.25],
+              "color_jitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}}
+    geometric, photometric = build_geometric(recipe), build_photometric(recipe)
+    in_workers = SegmentationDataset(samples, 64, 32, photometric=photometric, geometric=geometric)
+    plain = SegmentationDataset(samples, 64, 32)
+    torch.manual_seed(3)
+    expected = [in_workers[i] for i in range(len(samples))]
+    images = torch.stack([plain[i]["image"] for i in range(len(samples))])
+    masks = torch.stack([plain[i]["mask"] for i in range(len(samples))])
+    torch.manual_seed(3)
+    augmented_images, augmented_masks = BatchAugment(geometric, photometric)(images, masks)
+    assert augmented_images.shape == images.shape and augmented_masks.shape == masks.shape
+    for i, item in enumerate(expected):
+        torch.testing.assert_close(augmented_images[i], item["image"])
+        torch.testing.assert_close(augmented_masks[i], item["mask"])
+    assert not torch.equal(augmented_images, images)  # the recipe did change the batch
+
+
+def test_runtime_augment_on_device_trains_and_leaves_the_loader_items_plain(tmp_path, monkeypatch):
+    from vps.train import trainer
+
+    data = write_clips(tmp_path / "data", clips=2, frames=3)
+    config = tiny_config(data, tmp_path / "cache", epochs=1, cache=False)
+    config["data"]["val_clips"] = ["c1"]
+    config["runtime"]["augment_on"] = "device"
+    augmented_batches = []
+    original = trainer.BatchAugment.__call__
+
+    def spy(self, images, masks):
+        augmented_batches.append(len(images))
+        return original(self, images, masks)
+
+    monkeypatch.setattr(trainer.BatchAugment, "__call__", spy)
+    train(config, tmp_path / "run")
+    assert sum(augmented_batches) == 2 * 3  # one epoch of g and one of h over clip c0's three frames
+    assert trainer.augments_on_device("auto", torch.device("cuda"), num_workers=0)
+    assert not trainer.augments_on_device("auto", torch.device("cuda"), num_workers=2)
+    assert not trainer.augments_on_device("auto", torch.device("cpu"), num_workers=0)
+    assert trainer.augments_on_device("device", torch.device("cpu"), num_workers=2)
+    with pytest.raises(ConfigError, match="runtime.augment_on must be one of auto|loader|device"):
+        from vps.config import validate_config
+        validate_config(apply_overrides(config, ["runtime.augment_on=gpu"]))
+
+
+def test_max_minutes_fits_the_epochs_after_the_first_and_a_resume_keeps_the_fit(tmp_path, capsys):
+    data = write_clips(tmp_path / "data")
+    out = tmp_path / "run"
+    config = tiny_config(data, tmp_path / "cache", epochs=5)
+    config["train_g"].update(max_minutes=1e-6, schedule="cosine", min_lr=0.0)
+    train(config, out, stages=("g",))
+    assert "g: 1 epochs fit in train_g.max_minutes=1e-06" in capsys.readouterr().out
+    rows = (out / "log_g.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == 1
+    assert torch.load(out / "g_last.pt", weights_only=True)["fitted_epochs"] == 1
+    train(config, out, stages=("g",), resume=True)
+    assert "stage g already finished its 1 epochs" in capsys.readouterr().out
+    # a budget the run fits in changes nothing: all the epochs, the cosine curve ending at the last
+    config["train_g"]["max_minutes"] = 60
+    train(config, tmp_path / "roomy", stages=("g",))
+    lrs = [float(r.split(",")[1]) for r in (tmp_path / "roomy" / "log_g.csv").read_text().splitlines()[1:]]
+    assert len(lrs) == 5 and lrs[-1] == 0.0

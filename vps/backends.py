@@ -13,6 +13,7 @@ See docs/segment.md, "Backends", for the measurements behind ``AUTO_ORDER``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -295,17 +296,23 @@ class RefiningRunner:
         return self.model.refine_with_boxes(embeddings.to(device), logits.to(device), decode)
 
 
+@functools.lru_cache(maxsize=None)
+def _openvino_core(process_id: int):
+    """One OpenVINO Core per process (keyed by pid: a forked child makes its own): a second Core in one process can
+    crash it (ultralytics/ultralytics#25864), here at the exit of a process that had also forked workers."""
+    import openvino
+
+    return openvino.Core()
+
+
 def openvino_session(onnx_file: Path, precision: str, threads: int, cache_dir: Path) -> Session:
     """An OpenVINO CPU session of an ONNX file: bf16 (AMX/AVX512-BF16) or f32 inference precision,
     latency hint, ``threads`` threads; compiled blobs cached in ``cache_dir``."""
-    import openvino
-
-    core = openvino.Core()
-    core.set_property({"CACHE_DIR": str(cache_dir)})
-    compiled = core.compile_model(str(onnx_file), "CPU", {
+    compiled = _openvino_core(os.getpid()).compile_model(str(onnx_file), "CPU", {
         "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": threads,
+        "CACHE_DIR": str(cache_dir),
     })
     request = compiled.create_infer_request()
 

@@ -132,12 +132,14 @@ KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "views?": (lambda v: v is None or _is_view_list(v), f"null or a {_VIEW_LIST}"),
     "precision": (lambda v: v in _PRECISIONS(), "one of auto|fp32|bf16|fp16"),
     "encoder_backend": (lambda v: v in _BACKENDS(), "one of auto|eager|openvino|onnx|compile"),
+    "augment_on": (lambda v: v in ("auto", "loader", "device"), "one of auto|loader|device"),
+    "minutes?": (lambda v: v is None or (_as_float(v) or 0) > 0, "null or a number of minutes > 0"),
 }
-FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share")
+FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share", "minutes?")
 
 _STAGE_SCHEMA = {"epochs": ("int>=1", True), "batch_size": ("int>=1", True), "lr": ("float>0", True),
                  "weight_decay": ("float>=0", True), "schedule": ("schedule", False),
-                 "warmup_epochs": ("int>=0", False), "min_lr": ("float>=0", False)}
+                 "warmup_epochs": ("int>=0", False), "min_lr": ("float>=0", False), "max_minutes": ("minutes?", False)}
 SCHEMA: Dict[str, Tuple[str, bool]] = {
     "model": ("section", True),
     "model.sam": ("section", True),
@@ -176,6 +178,7 @@ SCHEMA: Dict[str, Tuple[str, bool]] = {
     "runtime.precision": ("precision", False),
     "runtime.num_workers": ("int>=0", False),
     "runtime.encoder_backend": ("encoder_backend", False),
+    "runtime.augment_on": ("augment_on", False),
     "runtime.seed": ("int", False),
 }
 # The keys of each kind of model (model.head.type): AutoSAM trains g then h; a prompt-free head is one stage.

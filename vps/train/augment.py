@@ -8,7 +8,7 @@ rotation and scale, colour jitter) is applied to the image that both g and SAM s
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torchvision.transforms.v2 as T
@@ -68,3 +68,28 @@ def geometric_pair(transform: T.Transform, image: torch.Tensor, mask: torch.Tens
         torch.set_rng_state(state)
         mask_out = transform(tv_tensors.Mask(mask))
     return image_out.as_subclass(torch.Tensor), mask_out.as_subclass(torch.Tensor)
+
+
+class BatchAugment:
+    """The dataset's augmentation applied to a batch where the batch is (the GPU): each sample gets its own random
+    draw of the same torchvision transforms, in the same order (geometry on image and mask, then colour on the
+    image), so the recipe is the one the DataLoader's workers apply; only where it runs changes
+    (``runtime.augment_on``)."""
+
+    def __init__(self, geometric: Optional[T.Transform], photometric: Optional[T.Transform]) -> None:
+        self.geometric = geometric
+        self.photometric = photometric
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """images B x 3 x S x S in [0, 1], masks B x K x M x M -> both augmented, same shapes."""
+        if self.geometric is None and self.photometric is None:
+            return images, masks
+        image_out, mask_out = [], []
+        for image, mask in zip(images, masks):
+            if self.geometric is not None:
+                image, mask = geometric_pair(self.geometric, image, mask)
+            if self.photometric is not None:
+                image = self.photometric(image)
+            image_out.append(image.clamp(0, 1))
+            mask_out.append(mask)
+        return torch.stack(image_out), torch.stack(mask_out)

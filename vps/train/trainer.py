@@ -28,7 +28,7 @@ from vps.modeling import build_prompt_generator, build_sam, build_surrogate, che
 from vps.modeling.build import initial_weights, load_weights, read_checkpoint
 from vps.modeling.build_head import build_head, head_settings
 from vps.progress import Progress
-from vps.train.augment import build_geometric, build_photometric
+from vps.train.augment import BatchAugment, build_geometric, build_photometric
 from vps.train.cache import EmbeddingCache, sam_cache_id
 from vps.train.crops import random_crops
 from vps.train.data import as_root_list, split_sources
@@ -106,6 +106,17 @@ def setup_runtime(config: Dict[str, Any]) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Runtime(device=device, precision=precision, rank=rank, world_size=world_size)
+
+
+def augments_on_device(setting: str, device: torch.device, num_workers: int) -> bool:
+    """``runtime.augment_on``: ``device`` augments each training batch on the training device, ``loader`` in the
+    DataLoader's workers. ``auto`` is ``loader`` unless a CUDA run has no workers: on an H200 the batch
+    augmentation adds 46 % to a step, while two workers' CPU threads keep up with it; without workers the main
+    thread would augment on its CPU, 3.6x-4.3x slower than the GPU (scripts/bench_train_augment.py,
+    docs/training.md)."""
+    if setting not in ("auto", "loader", "device"):
+        raise ValueError(f"runtime.augment_on must be auto, loader or device, got {setting!r}")
+    return setting == "device" or (setting == "auto" and device.type == "cuda" and num_workers == 0)
 
 
 def seed_everything(seed: int) -> None:
@@ -204,47 +215,62 @@ def run_stage(
     on_best: Callable[[], None],
     resume: bool,
     starts_trained: bool = False,
+    augment: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None,
 ) -> Dict[str, Any]:
     """Train ``trainable`` with Adam on BCE + Dice; checkpoint every epoch; call ``on_best`` on a new best.
 
-    The state file ``<name>_last.pt`` (weights, optimiser, epoch, best score, RNG) is rewritten
+    The state file ``<name>_last.pt`` (weights, optimiser, epoch, best score, RNG, epoch count) is rewritten
     atomically after every epoch, so a run killed at any moment resumes losing at most one epoch.
     ``starts_trained`` (weights from ``model.init_from``): the starting weights are validated first and count as
     epoch 0, so a fine-tuning run that only makes the model worse keeps the model it started from.
+    ``augment``: applied to each training batch on the device (``runtime.augment_on: device``).
+    ``settings["max_minutes"]``: after the second epoch (or the first, where the next epoch's learning rate depends
+    on the epoch count), the epoch count is cut to what fits in that many minutes at the last epoch's pace (never
+    raised), so the learning-rate schedule still ends at the last epoch; a resumed run keeps that count.
     """
     optimizer = torch.optim.Adam(trainable.parameters(), lr=float(settings["lr"]),
                                  weight_decay=float(settings["weight_decay"]))
     scaler = torch.amp.GradScaler(enabled=runtime.precision == "fp16")
     state_path = out_dir / f"{name}_last.pt"
     log = EpochLog(out_dir / f"log_{name}.csv", val_loader.dataset.sources if val_loader else ())
-    start_epoch, best = 0, {"dice": -1.0, "epoch": -1}
+    start_epoch, best, fitted_epochs = 0, {"dice": -1.0, "epoch": -1}, None
+    budget = settings.get("max_minutes")
+    epochs = int(settings["epochs"])
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         trainable.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best = state["epoch"] + 1, state["best"]
         torch.set_rng_state(state["torch_rng"])
+        fitted_epochs = state.get("fitted_epochs")
+        if budget and fitted_epochs:  # the run's own curve, not a new fit to the time left
+            epochs = min(epochs, int(fitted_epochs))
         if runtime.is_main:
-            total = int(settings["epochs"])
+            total = epochs
             print(f"resuming stage {name} after epoch {start_epoch} of {total} (best validation Dice "
                   f"{best['dice']:.4f})" if start_epoch < total else
                   f"stage {name} already finished its {start_epoch} epochs; nothing to train")
     elif starts_trained and val_loader is not None:
-        _, start_dice, by_source = evaluate(trainable, forward, val_loader, runtime)
+        start_loss, start_dice, by_source = evaluate(trainable, forward, val_loader, runtime)
         if runtime.is_main:
             best = {"dice": start_dice, "epoch": -1}
             on_best()
+            # epoch 0 of the log: the starting model, which a fine-tuning that only gets worse keeps
+            log.append({"epoch": 0, "lr": 0.0, "train_loss": float("nan"), "val_loss": start_loss,
+                        "val_dice": start_dice, "seconds": 0.0, **{f"val_dice_{k}": v for k, v in by_source.items()}},
+                       keep_epochs_below=0, plot=False)
             per_source = "".join(f", {k} {v:.4f}" for k, v in by_source.items()) if len(by_source) > 1 else ""
             print(f"{name} before training (model.init_from): validation Dice {start_dice:.4f}{per_source}",
                   flush=True)
     model = DistributedDataParallel(trainable) if runtime.distributed else trainable
-    epochs = int(settings["epochs"])
     last_plot = -math.inf
-    for epoch in range(start_epoch, epochs):
+    run_started = time.perf_counter()
+    epoch = start_epoch
+    while epoch < epochs:
         started = time.perf_counter()
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
-        lr = learning_rate(settings, epoch)
+        lr = learning_rate({**settings, "epochs": epochs}, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
@@ -252,6 +278,8 @@ def run_stage(
         progress = Progress(f"{name} epoch {epoch + 1}/{epochs}", len(train_loader), "batch",
                             quiet=not runtime.is_main, prefix="vps-train")
         for batch in train_loader:
+            if augment is not None:
+                batch = augment(batch)
             with runtime.autocast():
                 loss = dice_bce_loss(forward(model, batch), batch["mask"].to(runtime.device))
             optimizer.zero_grad(set_to_none=True)
@@ -264,13 +292,24 @@ def run_stage(
         train_loss = runtime.mean(float(np.mean(losses)))
         val_loss, val_dice, by_source = (evaluate(trainable, forward, val_loader, runtime) if val_loader
                                          else (float("nan"), -1.0, {}))
+        # Fit once two epochs have run (the first is slower: decoding, warm-up), or before the first epoch whose
+        # learning rate depends on the epoch count (a cosine curve past its warm-up).
+        next_depends = settings.get("schedule", "constant") == "cosine" and epoch + 1 > int(
+            settings.get("warmup_epochs", 0))
+        if budget and fitted_epochs is None and (epoch + 1 - start_epoch >= 2 or next_depends):
+            pace = runtime.mean(time.perf_counter() - started)
+            left = float(budget) * 60 - runtime.mean(time.perf_counter() - run_started)
+            fitted_epochs = epochs = max(epoch + 1, min(epochs, epoch + 1 + int(left / pace)))
+            if runtime.is_main:
+                print(f"{name}: {epochs} epochs fit in train_{name}.max_minutes={float(budget):g} at "
+                      f"{pace:.1f} s per epoch", flush=True)
         if runtime.is_main:
             score = val_dice if val_loader else float(epoch)  # no validation set: the last epoch is kept
             if score > best["dice"]:
                 best = {"dice": score, "epoch": epoch}
                 on_best()
             torch_state = {"module": trainable.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                           "best": best, "torch_rng": torch.get_rng_state()}
+                           "best": best, "torch_rng": torch.get_rng_state(), "fitted_epochs": fitted_epochs}
             temporary = state_path.with_name(state_path.name + ".partial")
             torch.save(torch_state, temporary)
             temporary.replace(state_path)
@@ -285,6 +324,7 @@ def run_stage(
             print(f"{name} epoch {epoch + 1}/{epochs}: lr {lr:.2e}, train loss {train_loss:.4f}, validation loss "
                   f"{val_loss:.4f}, validation Dice {val_dice:.4f}{per_source}, {seconds:.1f} s", flush=True)
         runtime.barrier()
+        epoch += 1
     return best
 
 
@@ -423,6 +463,22 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
     seed = int(config.get("runtime", {}).get("seed", 0))
     augment = config.get("augment", {})
     photometric, geometric = build_photometric(augment), build_geometric(augment)
+    on_device = augments_on_device(config.get("runtime", {}).get("augment_on", "auto"), runtime.device, workers)
+    cache_enabled = bool(config.get("cache", {}).get("enabled", False))
+    # In the workers, the datasets augment; on the device, they hand over plain items and the batch is augmented.
+    loader_photometric, loader_geometric = (None, None) if on_device else (photometric, geometric)
+
+    def device_augment(with_geometry: bool):
+        if not on_device:
+            return None
+        transform = BatchAugment(geometric if with_geometry else None, photometric)
+
+        def augment_batch(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            images = batch["image"].to(runtime.device, non_blocking=True)
+            masks = batch["mask"].to(runtime.device, non_blocking=True)
+            images, masks = transform(images, masks)
+            return {**batch, "image": images, "mask": masks}
+        return augment_batch
     model_path = out_dir / MODEL_FILE
     init_from = model_config.get("init_from")
     provenance = dict(trained_on=[str(r) for r in as_root_list(data_config["root"])], val_clips=val_groups,
@@ -446,19 +502,20 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
     if "head" in stages:
         settings_head = head_settings(model_config["head"])
         train_set, val_set = cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
-                                              photometric, geometric, runtime)
+                                              loader_photometric, loader_geometric, runtime)
         head = build_head(settings_head, sam, num_classes=max(1, len(classes))).to(runtime.device)
         metadata = checkpoint_metadata(None, sam_backend, head=settings_head, classes=classes or None, **provenance)
         settings = config["train_head"]
         run_stage("head", head, lambda module, batch: module(embeddings_of(batch)),
                   *loaders(settings, train_set, val_set), settings, runtime, out_dir,
-                  lambda: save_checkpoint(model_path, metadata, None, head=head), resume)
+                  lambda: save_checkpoint(model_path, metadata, None, head=head), resume,
+                  augment=device_augment(with_geometry=not cache_enabled))
         runtime.barrier()
 
     if "g" in stages:
         generator_config = model_config["prompt_generator"]
         train_set, val_set = cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
-                                             photometric, geometric, runtime,
+                                             loader_photometric, loader_geometric, runtime,
                                              dataset_image_size(sam, generator_config.get("input_size")))
         generator = build_prompt_generator(generator_config, embedding_size=sam.embedding_shape[-1]).to(runtime.device)
         if "prompt_generator" in initial:
@@ -474,7 +531,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         settings = config["train_g"]
         run_stage("g", generator, forward_g, *loaders(settings, train_set, val_set),
                   settings, runtime, out_dir, lambda: save_checkpoint(model_path, metadata, generator), resume,
-                  starts_trained="prompt_generator" in initial)
+                  starts_trained="prompt_generator" in initial, augment=device_augment(with_geometry=not cache_enabled))
         runtime.barrier()
 
     if "h" in stages:
@@ -488,7 +545,8 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
             load_weights(surrogate, initial["surrogate"], "surrogate decoder", f"model.init_from {init_from}")
         metadata = {**payload["meta"], "surrogate": surrogate_config}
         image_size = dataset_image_size(sam, generator.input_size)
-        train_set = SegmentationDataset(train_samples, image_size, mask_size, None, ["identity"], photometric, geometric)
+        train_set = SegmentationDataset(train_samples, image_size, mask_size, None, ["identity"], loader_photometric,
+                                        loader_geometric)
         val_set = SegmentationDataset(val_samples, image_size, mask_size) if val_samples else None
 
         def forward_h(h: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -499,5 +557,5 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         settings = config["train_h"]
         run_stage("h", surrogate, forward_h, *loaders(settings, train_set, val_set),
                   settings, runtime, out_dir, lambda: save_checkpoint(model_path, metadata, generator, surrogate),
-                  resume, starts_trained="surrogate" in initial)
+                  resume, starts_trained="surrogate" in initial, augment=device_augment(with_geometry=True))
     return model_path
