@@ -304,6 +304,11 @@ def test_a_fine_tune_that_only_gets_worse_keeps_the_starting_model(tmp_path, mon
     moved = torch.load(tmp_path / "tuned" / "g_last.pt", weights_only=True)["module"]
     assert all(torch.equal(v, start[k]) for k, v in kept.items())
     assert not all(torch.equal(v, start[k]) for k, v in moved.items())
+    # the exported header says the starting model won: epoch 0 of the 2 trained
+    monkeypatch.setattr(sys, "argv", ["export_model.py", str(tmp_path / "tuned"), str(tmp_path / "shipped.pt")])
+    _script("export_model").main()
+    assert read_checkpoint(tmp_path / "shipped.pt")["meta"]["stage_g"] == {"epochs": 2, "best_epoch": 0,
+                                                                          "best_val_dice": 0.9}
 
 
 def _script(name: str):
