@@ -15,15 +15,13 @@ RandomAffine(90, scale 0.75-1.25), colour jitter):
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import vps  # noqa: F401
+from bench_model import hardware_line, median_seconds  # scripts/ is on the path when a script runs
 from vps.config import load_config
-from vps.hardware import cpu_name
 from vps.inference import autocast_dtype, resolve_device, resolve_precision
 from vps.modeling import build_prompt_generator, build_sam
 from vps.train.augment import BatchAugment, build_geometric, build_photometric
@@ -37,17 +35,7 @@ SHARED = REPO.parent / "shared" / "data" / "kvasir-seg"
 
 def median_ms(run, device: torch.device, repeats: int) -> float:
     """Median wall time of ``run()`` in milliseconds, after one warm-up call (device work waited for)."""
-    times = []
-    for index in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index:
-            times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    return 1000 * median_seconds(run, device, warmup=1, repeats=repeats)
 
 
 def main() -> None:
@@ -94,8 +82,7 @@ def main() -> None:
         optimizer.step()
 
     step_ms = median_ms(step, device, args.repeats)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
-    print(f"device: {where}; host CPU: {cpu_name()}; torch {torch.__version__}; batch {batch}, {precision}")
+    print(f"{hardware_line(device)} | device {device} | batch {batch}, {precision}")
     rows = [("augment in a loader worker (1 CPU thread)", loader_ms), ("augment on the device (BatchAugment)", device_ms),
             ("training step of g (no cache)", step_ms)]
     for label, ms in rows:

@@ -93,6 +93,7 @@ def _choices(module: str, name: str, extra: Tuple[str, ...] = ()) -> Callable[[]
 _SAM_BACKENDS = _choices("vps.modeling.build_sam", "SAM_BACKENDS")
 _HEAD_TYPES = _choices("vps.modeling.build_head", "HEAD_TYPES")
 _VIEWS = _choices("vps.train.augment", "VIEWS")
+_AUGMENT_ON = _choices("vps.train.augment", "AUGMENT_ON")
 _PRECISIONS = _choices("vps.inference", "PRECISIONS", ("auto",))
 _BACKENDS = _choices("vps.backends", "BACKEND_CHOICES")
 _VIEW_LIST = "list of views (identity, hflip, vflip, rot90, rot180, rot270)"
@@ -132,7 +133,7 @@ KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "views?": (lambda v: v is None or _is_view_list(v), f"null or a {_VIEW_LIST}"),
     "precision": (lambda v: v in _PRECISIONS(), "one of auto|fp32|bf16|fp16"),
     "encoder_backend": (lambda v: v in _BACKENDS(), "one of auto|eager|openvino|onnx|compile"),
-    "augment_on": (lambda v: v in ("auto", "loader", "device"), "one of auto|loader|device"),
+    "augment_on": (lambda v: v in _AUGMENT_ON(), "one of auto|loader|device"),
     "minutes?": (lambda v: v is None or (_as_float(v) or 0) > 0, "null or a number of minutes > 0"),
 }
 FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share", "minutes?")

@@ -14,6 +14,9 @@ import torch
 import torchvision.transforms.v2 as T
 from torchvision import tv_tensors
 
+# Where a training batch is augmented (runtime.augment_on; vps.train.trainer.augments_on_device)
+AUGMENT_ON = ("auto", "loader", "device")
+
 # A view acts on the last two axes (H, W) of a tensor; all keep a square image square.
 VIEWS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,

@@ -28,7 +28,7 @@ from vps.modeling import build_prompt_generator, build_sam, build_surrogate, che
 from vps.modeling.build import initial_weights, load_weights, read_checkpoint
 from vps.modeling.build_head import build_head, head_settings
 from vps.progress import Progress
-from vps.train.augment import BatchAugment, build_geometric, build_photometric
+from vps.train.augment import AUGMENT_ON, BatchAugment, build_geometric, build_photometric
 from vps.train.cache import EmbeddingCache, sam_cache_id
 from vps.train.crops import random_crops
 from vps.train.data import as_root_list, split_sources
@@ -114,7 +114,7 @@ def augments_on_device(setting: str, device: torch.device, num_workers: int) -> 
     augmentation adds 46 % to a step, while two workers' CPU threads keep up with it; without workers the main
     thread would augment on its CPU, 3.6x-4.3x slower than the GPU (scripts/bench_train_augment.py,
     docs/training.md)."""
-    if setting not in ("auto", "loader", "device"):
+    if setting not in AUGMENT_ON:
         raise ValueError(f"runtime.augment_on must be auto, loader or device, got {setting!r}")
     return setting == "device" or (setting == "auto" and device.type == "cuda" and num_workers == 0)
 
@@ -194,6 +194,12 @@ def learning_rate(settings: Dict[str, Any], epoch: int) -> float:
         return base * (epoch + 1) / (warmup + 1)
     progress = (epoch - warmup) / max(1, epochs - 1 - warmup)
     return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def learning_rate_depends_on_epochs(settings: Dict[str, Any], epoch: int) -> bool:
+    """Whether ``learning_rate(settings, epoch)`` changes with ``settings["epochs"]``: on a cosine curve past its
+    warm-up (the warm-up epochs and the first epoch after them start at the same rates whatever the count)."""
+    return settings.get("schedule", "constant") == "cosine" and epoch > int(settings.get("warmup_epochs", 0))
 
 
 def _loader(dataset, batch_size: int, runtime: Runtime, shuffle: bool, num_workers: int, seed: int):
@@ -293,10 +299,9 @@ def run_stage(
         val_loss, val_dice, by_source = (evaluate(trainable, forward, val_loader, runtime) if val_loader
                                          else (float("nan"), -1.0, {}))
         # Fit once two epochs have run (the first is slower: decoding, warm-up), or before the first epoch whose
-        # learning rate depends on the epoch count (a cosine curve past its warm-up).
-        next_depends = settings.get("schedule", "constant") == "cosine" and epoch + 1 > int(
-            settings.get("warmup_epochs", 0))
-        if budget and fitted_epochs is None and (epoch + 1 - start_epoch >= 2 or next_depends):
+        # learning rate depends on the epoch count.
+        if budget and fitted_epochs is None and (epoch + 1 - start_epoch >= 2
+                                                 or learning_rate_depends_on_epochs(settings, epoch + 1)):
             pace = runtime.mean(time.perf_counter() - started)
             left = float(budget) * 60 - runtime.mean(time.perf_counter() - run_started)
             fitted_epochs = epochs = max(epoch + 1, min(epochs, epoch + 1 + int(left / pace)))
