@@ -12,7 +12,10 @@ The one-off cost of filling the cache (one pass of SAM's encoder per image and v
 encoder the trainer can use (``runtime.encoder_backend``), on the same images in one run: torch eager
 fp32 and bf16 autocast, and what ``auto`` picks on this machine (OpenVINO where installed).
 
-    python scripts/bench_train_cache.py [--images 20] [--epoch-size 1300] [--only steps fill]
+``uncached``: training steps without the cache (the exact recipe: the whole augmentation reaches SAM), bf16,
+with the frozen encoder run by torch eager against what ``runtime.encoder_backend: auto`` picks, side by side.
+
+    python scripts/bench_train_cache.py [--images 20] [--epoch-size 1300] [--only steps fill uncached]
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -39,9 +42,11 @@ from vps.train.trainer import CACHE_FILL_BATCH, dice_bce_loss
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cvc-clinicdb-video"
 
 
-def time_steps(dataset, sam, generator, batch_size: int, dtype: Optional[torch.dtype] = None) -> float:
+def time_steps(dataset, sam, generator, batch_size: int, dtype: Optional[torch.dtype] = None,
+               encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> float:
     """Seconds for one pass over ``dataset`` in training steps (Adam on g, BCE + Dice through SAM's decoder),
-    under autocast to ``dtype`` (None: fp32)."""
+    under autocast to ``dtype`` (None: fp32); an uncached dataset's embeddings come from ``encode`` (default
+    ``sam.encode``)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     optimizer = torch.optim.Adam(generator.parameters(), lr=3e-4, weight_decay=1e-5)
     generator.train()
@@ -52,7 +57,7 @@ def time_steps(dataset, sam, generator, batch_size: int, dtype: Optional[torch.d
             if "embedding" in batch:
                 embeddings = batch["embedding"].to(dtype or torch.float32)
             else:
-                embeddings = sam.encode(batch["image"])
+                embeddings = (encode or sam.encode)(batch["image"])
             loss = dice_bce_loss(sam.decode(embeddings, generator(batch["image"])), batch["mask"])
         optimizer.zero_grad()
         loss.backward()
@@ -101,14 +106,34 @@ def bench_fill(samples, sam) -> None:
     print(f"speed-up of the cache fill, auto vs the faster torch eager: {fastest_torch / seconds[auto_label]:.2f}x")
 
 
+def bench_uncached(samples, sam, generator, batch_size: int, epoch_size: int) -> None:
+    precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    auto = image_encoder(sam, torch.device("cpu"), "auto", precision, batch_size)
+    auto_name = "torch eager" if auto == sam.encode else auto_candidates(torch.device("cpu"))[0]
+    dataset = SegmentationDataset(samples, sam.image_size, 256)
+    time_steps(dataset, sam, generator, batch_size, dtype, auto)  # warm-up of both encoders
+    time_steps(dataset, sam, generator, batch_size, dtype)
+    seconds = {f"eager encoder, {precision}": time_steps(dataset, sam, generator, batch_size, dtype),
+               f"auto encoder ({auto_name}), {precision}": time_steps(dataset, sam, generator, batch_size, dtype, auto)}
+    print(f"training steps without the cache, batch {batch_size}:")
+    for name, value in seconds.items():
+        print(f"{name:>36}: {value / len(samples):.3f} s/image -> {value / len(samples) * epoch_size:.0f} s per epoch "
+              f"of {epoch_size}")
+    eager, chosen = seconds.values()
+    print(f"speed-up of an uncached epoch, auto encoder vs eager: {eager / chosen:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED, help="image/mask data (default: the CVC clips)")
     parser.add_argument("--images", type=int, default=20, help="images timed each way")
     parser.add_argument("--epoch-size", type=int, default=1300)
     parser.add_argument("--batch-size", type=int, default=10)
-    parser.add_argument("--only", nargs="+", choices=("steps", "fill"), default=["steps", "fill"],
-                        help="training steps with and without the cache (steps), the cache fill by encoder (fill)")
+    parser.add_argument("--only", nargs="+", choices=("steps", "fill", "uncached"),
+                        default=["steps", "fill", "uncached"],
+                        help="training steps with and without the cache (steps), the cache fill by encoder (fill), "
+                             "steps without the cache by encoder (uncached)")
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"bench_train_cache: no data at {args.data} (pass --data with images and masks)")
@@ -120,6 +145,8 @@ def main() -> None:
           f"| native bf16: {cpu_has_native_bf16()}")
     if "fill" in args.only:
         bench_fill(samples, sam)
+    if "uncached" in args.only:
+        bench_uncached(samples, sam, generator, args.batch_size, args.epoch_size)
     if "steps" not in args.only:
         return
     with tempfile.TemporaryDirectory() as cache_dir:

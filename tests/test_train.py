@@ -133,6 +133,32 @@ def test_the_cache_is_filled_by_the_configured_encoder_only_where_embeddings_are
     assert built == ["eager"]  # every embedding was cached: no encoder built, no export
 
 
+def test_without_the_cache_every_batch_is_encoded_by_the_configured_encoder_built_once(tmp_path, monkeypatch):
+    from vps.train import trainer
+
+    data = write_clips(tmp_path / "data", frames=2)
+    built, encoded = [], []
+    real_image_encoder = trainer.image_encoder
+
+    def spy(sam, device, backend, precision, batch, *args, **kwargs):
+        built.append((backend, batch))
+        encode = real_image_encoder(sam, device, backend, precision, batch, *args, **kwargs)
+
+        def counted(images):
+            encoded.append(len(images))
+            return encode(images)
+        return counted
+
+    monkeypatch.setattr(trainer, "image_encoder", spy)
+    config = tiny_config(data, tmp_path / "cache", epochs=2, cache=False)
+    config["runtime"]["encoder_backend"] = "eager"
+    train(config, tmp_path / "run", stages=("g",))
+    assert built == [("eager", 4)]  # built once, for the training batch, and reused by validation
+    # 2 epochs of the 4 training frames (clips c0 and c1) and the 2 validation frames (clip c2)
+    assert sum(encoded) == 2 * (4 + 2)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_derived_views_transform_the_cached_identity_embedding_with_the_image_and_mask(tmp_path):
     data = write_clips(tmp_path / "data", clips=1, frames=1)
     sam = build_sam(**{k: v for k, v in TINY_SAM.items() if k != "checkpoint"})

@@ -342,6 +342,7 @@ def evaluate(trainable: nn.Module, forward, loader: DataLoader, runtime: Runtime
     """
     trainable.eval()
     losses, dices, sources = [], [], []
+    progress = Progress("validation", len(loader), "batch", quiet=not runtime.is_main, prefix="vps-train")
     for batch in loader:
         with runtime.autocast():
             logits = forward(trainable, batch)
@@ -349,6 +350,8 @@ def evaluate(trainable: nn.Module, forward, loader: DataLoader, runtime: Runtime
         losses.append(dice_bce_loss(logits, mask).item() * len(mask))
         dices.append(binary_dice(logits, mask).cpu())
         sources.append(torch.as_tensor(batch["source"]))
+        progress.update(1)
+    progress.close()
     dices, sources = torch.cat(dices), torch.cat(sources)
     names = loader.dataset.sources
     by_source = {names[i]: dices[sources == i].mean().item() for i in range(len(names)) if (sources == i).any()}
@@ -382,7 +385,7 @@ def cached_datasets(config: Dict[str, Any], train_samples, val_samples, sam, sam
         todo = [(dataset, missing_embeddings(dataset, dataset.cached_views, shard))
                 for dataset in (train_set, val_set) if dataset is not None]
         if runtime.mean(float(sum(len(missing) for _, missing in todo))) > 0:
-            encode = cache_encoder(sam, config.get("runtime", {}).get("encoder_backend", "auto"), runtime)
+            encode = frozen_encoder(sam, config.get("runtime", {}).get("encoder_backend", "auto"), runtime)
             with runtime.autocast():
                 for dataset, missing in todo:
                     fill_cache(dataset, encode, missing, runtime.device, batch_size=CACHE_FILL_BATCH,
@@ -391,13 +394,14 @@ def cached_datasets(config: Dict[str, Any], train_samples, val_samples, sam, sam
     return train_set, val_set
 
 
-def cache_encoder(sam, backend: str, runtime: Runtime):
-    """SAM's image encoder that fills the embedding cache, run by ``runtime.encoder_backend`` (auto: OpenVINO on a
-    CPU where it is installed, about 4x torch there; docs/training.md). The main process builds it first, so that
-    the others find its export and compiled blobs cached instead of writing them at the same time."""
+def frozen_encoder(sam, backend: str, runtime: Runtime, batch: int = CACHE_FILL_BATCH):
+    """SAM's frozen image encoder as training runs it, by ``runtime.encoder_backend`` (auto: OpenVINO on a CPU where
+    it is installed, about 4x torch there; docs/training.md): it fills the embedding cache, or, with the cache off,
+    encodes every batch. An exported backend is compiled for ``batch`` images (smaller batches are padded). The main
+    process builds it first, so that the others find its export and compiled blobs cached instead of writing them at
+    the same time."""
     def build():
-        return image_encoder(sam, runtime.device, backend, runtime.precision, CACHE_FILL_BATCH,
-                             option="runtime.encoder_backend")
+        return image_encoder(sam, runtime.device, backend, runtime.precision, batch, option="runtime.encoder_backend")
 
     encode = build() if runtime.is_main else None
     runtime.barrier()
@@ -470,6 +474,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
     photometric, geometric = build_photometric(augment), build_geometric(augment)
     on_device = augments_on_device(config.get("runtime", {}).get("augment_on", "auto"), runtime.device, workers)
     cache_enabled = bool(config.get("cache", {}).get("enabled", False))
+    encoder_backend = config.get("runtime", {}).get("encoder_backend", "auto")
     # In the workers, the datasets augment; on the device, they hand over plain items and the batch is augmented.
     loader_photometric, loader_geometric = (None, None) if on_device else (photometric, geometric)
 
@@ -496,13 +501,18 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         return (_loader(train_set, int(settings["batch_size"]), runtime, True, workers, seed),
                 _loader(val_set, int(settings["batch_size"]), runtime, False, workers, seed) if val_set else None)
 
+    step_encoders: Dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+
     def embeddings_of(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """SAM's embeddings of the batch: from the cache (stored float16: straight to the compute dtype, one copy)
-        or computed here."""
+        or computed here by ``runtime.encoder_backend`` (built at the first uncached batch, for its size)."""
         if "embedding" in batch:
             dtype = autocast_dtype(runtime.precision, runtime.device) or torch.float32
             return batch["embedding"].to(runtime.device, dtype, non_blocking=True)
-        return sam.encode(batch["image"].to(runtime.device, non_blocking=True))
+        images = batch["image"].to(runtime.device, non_blocking=True)
+        if not step_encoders:
+            step_encoders[0] = frozen_encoder(sam, encoder_backend, runtime, batch=len(images))
+        return step_encoders[0](images)
 
     if "head" in stages:
         settings_head = head_settings(model_config["head"])
