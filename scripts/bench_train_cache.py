@@ -26,13 +26,14 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
 import vps
 from vps.backends import auto_candidates, image_encoder
 from vps.hardware import cpu_has_native_bf16, cpu_name
+from vps.inference import autocast_dtype, resolve_precision
 from vps.modeling import build_prompt_generator, build_sam
 from vps.train.cache import EmbeddingCache
 from vps.train.data import discover_samples
@@ -78,12 +79,19 @@ def fill_seconds(samples, sam, encode, dtype: Optional[torch.dtype] = None) -> f
         return time.perf_counter() - started
 
 
+def auto_encoder(sam, batch: int) -> Tuple[Callable[[torch.Tensor], torch.Tensor], str, str]:
+    """(encoder, backend name, precision) that ``runtime.encoder_backend: auto`` builds on this CPU for ``batch``
+    images, in the trainer's default precision."""
+    precision = resolve_precision("auto", torch.device("cpu"))
+    encode = image_encoder(sam, torch.device("cpu"), "auto", precision, batch)
+    name = "torch eager" if encode == sam.encode else auto_candidates(torch.device("cpu"))[0]
+    return encode, name, precision
+
+
 def bench_fill(samples, sam) -> None:
-    precision = "bf16" if cpu_has_native_bf16() else "fp32"
     started = time.perf_counter()
-    auto = image_encoder(sam, torch.device("cpu"), "auto", precision, CACHE_FILL_BATCH)
+    auto, auto_name, precision = auto_encoder(sam, CACHE_FILL_BATCH)
     start_up = time.perf_counter() - started
-    auto_name = "torch eager" if auto == sam.encode else auto_candidates(torch.device("cpu"))[0]
     fill_seconds(samples[:CACHE_FILL_BATCH], sam, auto)  # warm-up
     auto_label = f"auto ({auto_name}, {precision})"
     seconds = {"eager fp32": fill_seconds(samples, sam, sam.encode),
@@ -107,10 +115,8 @@ def bench_fill(samples, sam) -> None:
 
 
 def bench_uncached(samples, sam, generator, batch_size: int, epoch_size: int) -> None:
-    precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    auto = image_encoder(sam, torch.device("cpu"), "auto", precision, batch_size)
-    auto_name = "torch eager" if auto == sam.encode else auto_candidates(torch.device("cpu"))[0]
+    auto, auto_name, precision = auto_encoder(sam, batch_size)
+    dtype = autocast_dtype(precision, torch.device("cpu"))
     dataset = SegmentationDataset(samples, sam.image_size, 256)
     time_steps(dataset, sam, generator, batch_size, dtype, auto)  # warm-up of both encoders
     time_steps(dataset, sam, generator, batch_size, dtype)

@@ -501,18 +501,21 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         return (_loader(train_set, int(settings["batch_size"]), runtime, True, workers, seed),
                 _loader(val_set, int(settings["batch_size"]), runtime, False, workers, seed) if val_set else None)
 
-    step_encoders: Dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+    def uncached_encoder(settings: Dict[str, Any]) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """With the cache off, SAM's encoder for every batch of a stage (``runtime.encoder_backend``, compiled for the
+        stage's batch size); None with the cache on."""
+        if cache_enabled:
+            return None
+        return frozen_encoder(sam, encoder_backend, runtime, batch=int(settings["batch_size"]))
 
-    def embeddings_of(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def embeddings_of(batch: Dict[str, torch.Tensor],
+                      encode: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
         """SAM's embeddings of the batch: from the cache (stored float16: straight to the compute dtype, one copy)
-        or computed here by ``runtime.encoder_backend`` (built at the first uncached batch, for its size)."""
+        or computed here by ``encode`` (``uncached_encoder``)."""
         if "embedding" in batch:
             dtype = autocast_dtype(runtime.precision, runtime.device) or torch.float32
             return batch["embedding"].to(runtime.device, dtype, non_blocking=True)
-        images = batch["image"].to(runtime.device, non_blocking=True)
-        if not step_encoders:
-            step_encoders[0] = frozen_encoder(sam, encoder_backend, runtime, batch=len(images))
-        return step_encoders[0](images)
+        return encode(batch["image"].to(runtime.device, non_blocking=True))
 
     if "head" in stages:
         settings_head = head_settings(model_config["head"])
@@ -521,7 +524,8 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         head = build_head(settings_head, sam, num_classes=max(1, len(classes))).to(runtime.device)
         metadata = checkpoint_metadata(None, sam_backend, head=settings_head, classes=classes or None, **provenance)
         settings = config["train_head"]
-        run_stage("head", head, lambda module, batch: module(embeddings_of(batch)),
+        encode_head = uncached_encoder(settings)
+        run_stage("head", head, lambda module, batch: module(embeddings_of(batch, encode_head)),
                   *loaders(settings, train_set, val_set), settings, runtime, out_dir,
                   lambda: save_checkpoint(model_path, metadata, None, head=head), resume,
                   augment=device_augment(with_geometry=not cache_enabled))
@@ -539,11 +543,13 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
                                        box_refinement=bool(model_config.get("box_refinement", False)),
                                        flip_tta=bool(model_config.get("flip_tta", False)), **provenance)
 
+        settings = config["train_g"]
+        encode_g = uncached_encoder(settings)
+
         def forward_g(g: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
             images = batch["image"].to(runtime.device, non_blocking=True)
-            return sam.decode(embeddings_of(batch), g(images))
+            return sam.decode(embeddings_of(batch, encode_g), g(images))
 
-        settings = config["train_g"]
         run_stage("g", generator, forward_g, *loaders(settings, train_set, val_set),
                   settings, runtime, out_dir, lambda: save_checkpoint(model_path, metadata, generator), resume,
                   starts_trained="prompt_generator" in initial, augment=device_augment(with_geometry=not cache_enabled))
