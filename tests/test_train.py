@@ -133,10 +133,11 @@ def test_the_cache_is_filled_by_the_configured_encoder_only_where_embeddings_are
     assert built == ["eager"]  # every embedding was cached: no encoder built, no export
 
 
-def test_without_the_cache_every_batch_is_encoded_by_the_configured_encoder_built_once(tmp_path, monkeypatch):
+def spy_on_the_encoder(monkeypatch):
+    """(built, encoded): the (backend, batch) of every SAM encoder the trainer builds, and the size of every batch
+    they encode."""
     from vps.train import trainer
 
-    data = write_clips(tmp_path / "data", frames=2)
     built, encoded = [], []
     real_image_encoder = trainer.image_encoder
 
@@ -150,6 +151,12 @@ def test_without_the_cache_every_batch_is_encoded_by_the_configured_encoder_buil
         return counted
 
     monkeypatch.setattr(trainer, "image_encoder", spy)
+    return built, encoded
+
+
+def test_without_the_cache_every_batch_is_encoded_by_the_configured_encoder_built_once(tmp_path, monkeypatch):
+    data = write_clips(tmp_path / "data", frames=2)
+    built, encoded = spy_on_the_encoder(monkeypatch)
     config = tiny_config(data, tmp_path / "cache", epochs=2, cache=False)
     config["runtime"]["encoder_backend"] = "eager"
     train(config, tmp_path / "run", stages=("g",))
@@ -188,6 +195,49 @@ def test_training_with_derived_views_encodes_only_the_identity_view(tmp_path):
     assert train(config, tmp_path / "run", stages=("g",)).is_file()
     cached_views = {path.parent.parent.name for path in (tmp_path / "cache").rglob("*.npy")}
     assert cached_views == {"identity", "hflip"}  # the derived views' source, and the cached view
+
+
+def test_cache_validation_caches_only_the_validation_embeddings_and_trains_on_fresh_ones(tmp_path, monkeypatch):
+    data = write_clips(tmp_path / "data", frames=2)
+    _, encoded = spy_on_the_encoder(monkeypatch)
+    config = tiny_config(data, tmp_path / "cache", epochs=2, cache=False)
+    config["cache"]["validation"] = True
+    config["runtime"]["encoder_backend"] = "eager"
+    train(config, tmp_path / "run", stages=("g",))
+    # the 2 validation frames (clip c2) encoded once into the cache, the 4 training frames at each of 2 epochs
+    assert sum(encoded) == 2 + 2 * 4
+    assert len([p for p in (tmp_path / "cache").rglob("*") if p.is_file()]) == 2
+    encoded.clear()
+    train(config, tmp_path / "run2", stages=("g",))  # a second run finds the validation embeddings cached
+    assert sum(encoded) == 2 * 4
+
+
+@pytest.mark.parametrize("decay, follows", [(1e-6, "last"), (1 - 1e-6, "start")])
+def test_ema_decay_saves_the_moving_average_of_the_weights(tmp_path, monkeypatch, decay, follows):
+    from vps.train import trainer
+
+    built = []
+    real_build = trainer.build_prompt_generator
+
+    def spy(*args, **kwargs):
+        generator = real_build(*args, **kwargs)
+        built.append({k: v.clone() for k, v in generator.state_dict().items()})
+        return generator
+
+    monkeypatch.setattr(trainer, "build_prompt_generator", spy)
+    data = write_clips(tmp_path / "data")
+    config = tiny_config(data, tmp_path / "cache", epochs=1)
+    config["train_g"]["ema_decay"] = decay
+    model_path = train(config, tmp_path / "run", stages=("g",))
+    start, saved = built[0], read_checkpoint(model_path)["prompt_generator"]
+    state = torch.load(tmp_path / "run" / "g_last.pt", weights_only=True)
+    averaged = {k.removeprefix("module."): v for k, v in state["averaged"].items() if k.startswith("module.")}
+    last = state["module"]
+    floats = [k for k, v in last.items() if v.is_floating_point()]
+    assert all(torch.equal(saved[k], averaged[k]) for k in floats)  # the model file holds the average
+    reference, other = (last, start) if follows == "last" else (start, last)
+    assert all(torch.allclose(saved[k], reference[k], atol=1e-4) for k in floats)
+    assert not all(torch.allclose(saved[k], other[k], atol=1e-4) for k in floats)
 
 
 def test_train_writes_checkpoints_logs_and_resumes(tmp_path):

@@ -135,12 +135,14 @@ KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "encoder_backend": (lambda v: v in _BACKENDS(), "one of auto|eager|openvino|onnx|compile"),
     "augment_on": (lambda v: v in _AUGMENT_ON(), "one of auto|loader|device"),
     "minutes?": (lambda v: v is None or (_as_float(v) or 0) > 0, "null or a number of minutes > 0"),
+    "decay?": (lambda v: v is None or (_as_float(v) is not None and 0 < _as_float(v) < 1), "null or a number in (0, 1)"),
 }
-FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share", "minutes?")
+FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share", "minutes?", "decay?")
 
 _STAGE_SCHEMA = {"epochs": ("int>=1", True), "batch_size": ("int>=1", True), "lr": ("float>0", True),
                  "weight_decay": ("float>=0", True), "schedule": ("schedule", False),
-                 "warmup_epochs": ("int>=0", False), "min_lr": ("float>=0", False), "max_minutes": ("minutes?", False)}
+                 "warmup_epochs": ("int>=0", False), "min_lr": ("float>=0", False), "max_minutes": ("minutes?", False),
+                 "ema_decay": ("decay?", False)}
 SCHEMA: Dict[str, Tuple[str, bool]] = {
     "model": ("section", True),
     "model.sam": ("section", True),
@@ -174,6 +176,7 @@ SCHEMA: Dict[str, Tuple[str, bool]] = {
     "cache.dir": ("str", False),
     "cache.views": ("views", False),
     "cache.derived_views": ("views?", False),
+    "cache.validation": ("bool", False),
     "runtime": ("section", False),
     "runtime.device": ("str", False),
     "runtime.precision": ("precision", False),
@@ -251,8 +254,10 @@ def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
             raise ConfigError(f"{dotted} must be {expected}, got {node[key]!r}")
         if kind in FLOAT_KINDS and isinstance(node[key], str):
             node[key] = float(node[key])
-    if isinstance(config.get("cache"), dict) and config["cache"].get("enabled") and "dir" not in config["cache"]:
-        raise ConfigError("cache.dir is missing from the config (needed with cache.enabled: true)")
+    cache = config.get("cache")
+    if isinstance(cache, dict) and "dir" not in cache and (cache.get("enabled") or cache.get("validation")):
+        setting = "cache.enabled" if cache.get("enabled") else "cache.validation"
+        raise ConfigError(f"cache.dir is missing from the config (needed with {setting}: true)")
     classes = class_names(config)
     if len(classes) > 1 and head_type(config) == "autosam_g":
         raise ConfigError(f"data.classes names {len(classes)} classes but AutoSAM's g (model.head.type autosam_g) "
@@ -276,7 +281,8 @@ def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
 # Resume: a run continues with its own resolved config (<run>/config.yaml), not with the config file given again.
 
 # Overrides that may change on resume; any other override must repeat the saved value.
-RESUME_MAY_CHANGE = ("train_g.epochs", "train_h.epochs", "train_head.epochs", "runtime", "cache.dir")
+RESUME_MAY_CHANGE = ("train_g.epochs", "train_h.epochs", "train_head.epochs", "runtime", "cache.dir",
+                     "cache.validation")
 
 
 def _lookup(config: Dict[str, Any], dotted: str) -> Any:
@@ -289,8 +295,8 @@ def _lookup(config: Dict[str, Any], dotted: str) -> Any:
 def resume_config(run_dir: str | Path, overrides: Iterable[str]) -> Dict[str, Any]:
     """The saved config of the run in ``run_dir`` with ``overrides`` applied, validated.
 
-    Only the epochs of either stage, ``runtime.*`` and ``cache.dir`` may change: an override that changes any other
-    key (data, model, augmentation, cache views, learning rate, batch size, ...) is a ConfigError naming the key.
+    Only the epochs of either stage, ``runtime.*``, ``cache.dir`` and ``cache.validation`` may change: an override
+    that changes any other key (data, model, augmentation, cache views, learning rate, batch size, ...) is a ConfigError naming the key.
     """
     run_dir = Path(run_dir)
     saved_path = run_dir / "config.yaml"
@@ -305,6 +311,6 @@ def resume_config(run_dir: str | Path, overrides: Iterable[str]) -> Dict[str, An
             continue
         if _lookup(config, dotted) != _lookup(saved, dotted):
             raise ConfigError(f"--resume: {dotted} cannot change on resume (the run in {run_dir} has "
-                              f"{_lookup(saved, dotted)!r}); only {', '.join(RESUME_MAY_CHANGE[:3])}, runtime.* and "
-                              f"cache.dir may; start a new run with another --out")
+                              f"{_lookup(saved, dotted)!r}); only {', '.join(RESUME_MAY_CHANGE[:3])}, runtime.*, "
+                              f"cache.dir and cache.validation may; start a new run with another --out")
     return config

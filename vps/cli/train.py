@@ -28,7 +28,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                     "checkpoints, a CSV log and a PNG plot into --out.",
         epilog="Overrides: dotted.key=value, e.g. train_g.epochs=20 data.root=/data/TrainDataset cache.enabled=false. "
                "--resume continues the run in --out with its saved config.yaml; there only train_g.epochs, "
-               "train_h.epochs, runtime.* and cache.dir may change. "
+               "train_h.epochs, runtime.*, cache.dir and cache.validation may change. "
                "Under torchrun every rank trains with DistributedDataParallel.",
     )
     parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
@@ -116,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from vps.train.verify import verify_decodable
 
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-        if args.resume:  # the run's own config; only epochs, runtime.* and cache.dir may change
+        if args.resume:  # the run's own config; only epochs, runtime.*, cache.dir and cache.validation may change
             config = resume_config(out, args.overrides)
             if is_main:
                 print(f"resuming the run in {out} with its saved config.yaml", flush=True)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vps.backends import image_encoder
@@ -218,12 +219,13 @@ def run_stage(
     settings: Dict[str, Any],
     runtime: Runtime,
     out_dir: Path,
-    on_best: Callable[[], None],
+    on_best: Callable[[nn.Module], None],
     resume: bool,
     starts_trained: bool = False,
     augment: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None,
 ) -> Dict[str, Any]:
-    """Train ``trainable`` with Adam on BCE + Dice; checkpoint every epoch; call ``on_best`` on a new best.
+    """Train ``trainable`` with Adam on BCE + Dice; checkpoint every epoch; call ``on_best(module)`` on a new best
+    with the module whose weights were scored.
 
     The state file ``<name>_last.pt`` (weights, optimiser, epoch, best score, RNG, epoch count) is rewritten
     atomically after every epoch, so a run killed at any moment resumes losing at most one epoch.
@@ -233,6 +235,8 @@ def run_stage(
     ``settings["max_minutes"]``: after the second epoch (or the first, where the next epoch's learning rate depends
     on the epoch count), the epoch count is cut to what fits in that many minutes at the last epoch's pace (never
     raised), so the learning-rate schedule still ends at the last epoch; a resumed run keeps that count.
+    ``settings["ema_decay"]``: validate, keep and save an exponential moving average of the weights (BatchNorm
+    statistics included), updated after every step from the starting weights, instead of the last step's weights.
     """
     optimizer = torch.optim.Adam(trainable.parameters(), lr=float(settings["lr"]),
                                  weight_decay=float(settings["weight_decay"]))
@@ -242,9 +246,14 @@ def run_stage(
     start_epoch, best, fitted_epochs = 0, {"dice": -1.0, "epoch": -1}, None
     budget = settings.get("max_minutes")
     epochs = int(settings["epochs"])
+    averaged = (AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(float(settings["ema_decay"])),
+                              use_buffers=True) if settings.get("ema_decay") else None)
+    scored = averaged.module if averaged is not None else trainable
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         trainable.load_state_dict(state["module"])
+        if averaged is not None:
+            averaged.load_state_dict(state["averaged"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best = state["epoch"] + 1, state["best"]
         torch.set_rng_state(state["torch_rng"])
@@ -260,7 +269,7 @@ def run_stage(
         start_loss, start_dice, by_source = evaluate(trainable, forward, val_loader, runtime)
         if runtime.is_main:
             best = {"dice": start_dice, "epoch": -1}
-            on_best()
+            on_best(trainable)
             # epoch 0 of the log: the starting model, which a fine-tuning that only gets worse keeps
             log.append({"epoch": 0, "lr": 0.0, "train_loss": float("nan"), "val_loss": start_loss,
                         "val_dice": start_dice, "seconds": 0.0, **{f"val_dice_{k}": v for k, v in by_source.items()}},
@@ -268,6 +277,8 @@ def run_stage(
             per_source = "".join(f", {k} {v:.4f}" for k, v in by_source.items()) if len(by_source) > 1 else ""
             print(f"{name} before training (model.init_from): validation Dice {start_dice:.4f}{per_source}",
                   flush=True)
+    if averaged is not None and not (resume and state_path.is_file()):
+        averaged.update_parameters(trainable)  # the average starts at the starting weights
     model = DistributedDataParallel(trainable) if runtime.distributed else trainable
     last_plot = -math.inf
     run_started = time.perf_counter()
@@ -292,11 +303,13 @@ def run_stage(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if averaged is not None:
+                averaged.update_parameters(trainable)
             losses.append(loss.item())
             progress.update(1, f"loss {loss.item():.4f}")
         progress.close()
         train_loss = runtime.mean(float(np.mean(losses)))
-        val_loss, val_dice, by_source = (evaluate(trainable, forward, val_loader, runtime) if val_loader
+        val_loss, val_dice, by_source = (evaluate(scored, forward, val_loader, runtime) if val_loader
                                          else (float("nan"), -1.0, {}))
         # Fit once two epochs have run (the first is slower: decoding, warm-up), or before the first epoch whose
         # learning rate depends on the epoch count.
@@ -312,9 +325,11 @@ def run_stage(
             score = val_dice if val_loader else float(epoch)  # no validation set: the last epoch is kept
             if score > best["dice"]:
                 best = {"dice": score, "epoch": epoch}
-                on_best()
+                on_best(scored)
             torch_state = {"module": trainable.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                            "best": best, "torch_rng": torch.get_rng_state(), "fitted_epochs": fitted_epochs}
+            if averaged is not None:
+                torch_state["averaged"] = averaged.state_dict()
             temporary = state_path.with_name(state_path.name + ".partial")
             torch.save(torch_state, temporary)
             temporary.replace(state_path)
@@ -366,24 +381,29 @@ def dataset_image_size(sam, generator_input_size: Optional[int] = None) -> int:
 
 def cached_datasets(config: Dict[str, Any], train_samples, val_samples, sam, sam_backend: str, sam_checkpoint,
                     photometric, geometric, runtime: Runtime, image_size: Optional[int] = None):
-    """(training set, validation set or None) whose items carry SAM's embedding when ``cache.enabled``; the missing
-    embeddings are computed first (sharded between distributed processes). Shared by every stage that runs SAM.
+    """(training set, validation set or None) whose items carry SAM's embedding when ``cache.enabled`` (the
+    validation set's alone with ``cache.validation``: its images are never augmented, so its embeddings are the same
+    every epoch); the missing embeddings are computed first (sharded between distributed processes). Shared by every
+    stage that runs SAM.
     ``image_size``: the side of the images the items carry (default SAM's input; ``dataset_image_size``)."""
     cache_config = config.get("cache", {})
     image_size = image_size or sam.image_size
     mask_size = int(config["data"].get("mask_size", 256))
     cache, views, derived = None, ["identity"], []
-    if cache_config.get("enabled", False):
+    caches_training = bool(cache_config.get("enabled", False))
+    if caches_training or cache_config.get("validation", False):
         cache = EmbeddingCache(Path(cache_config["dir"]).expanduser(), sam_cache_id(sam_backend, sam_checkpoint))
+    if caches_training:
         views = list(cache_config.get("views", ["identity"]))
         derived = list(cache_config.get("derived_views") or [])
-    train_set = SegmentationDataset(train_samples, image_size, mask_size, cache, views, photometric,
-                                    None if cache else geometric, derived_views=derived)
+    train_cache = cache if caches_training else None
+    train_set = SegmentationDataset(train_samples, image_size, mask_size, train_cache, views, photometric,
+                                    None if train_cache else geometric, derived_views=derived)
     val_set = SegmentationDataset(val_samples, image_size, mask_size, cache) if val_samples else None
     if cache is not None:
         shard = (runtime.rank, runtime.world_size)
         todo = [(dataset, missing_embeddings(dataset, dataset.cached_views, shard))
-                for dataset in (train_set, val_set) if dataset is not None]
+                for dataset in (train_set, val_set) if dataset is not None and dataset.cache is not None]
         if runtime.mean(float(sum(len(missing) for _, missing in todo))) > 0:
             encode = frozen_encoder(sam, config.get("runtime", {}).get("encoder_backend", "auto"), runtime)
             with runtime.autocast():
@@ -527,7 +547,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         encode_head = uncached_encoder(settings)
         run_stage("head", head, lambda module, batch: module(embeddings_of(batch, encode_head)),
                   *loaders(settings, train_set, val_set), settings, runtime, out_dir,
-                  lambda: save_checkpoint(model_path, metadata, None, head=head), resume,
+                  lambda module: save_checkpoint(model_path, metadata, None, head=module), resume,
                   augment=device_augment(with_geometry=not cache_enabled))
         runtime.barrier()
 
@@ -551,7 +571,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
             return sam.decode(embeddings_of(batch, encode_g), g(images))
 
         run_stage("g", generator, forward_g, *loaders(settings, train_set, val_set),
-                  settings, runtime, out_dir, lambda: save_checkpoint(model_path, metadata, generator), resume,
+                  settings, runtime, out_dir, lambda module: save_checkpoint(model_path, metadata, module), resume,
                   starts_trained="prompt_generator" in initial, augment=device_augment(with_geometry=not cache_enabled))
         runtime.barrier()
 
@@ -577,6 +597,6 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
 
         settings = config["train_h"]
         run_stage("h", surrogate, forward_h, *loaders(settings, train_set, val_set),
-                  settings, runtime, out_dir, lambda: save_checkpoint(model_path, metadata, generator, surrogate),
+                  settings, runtime, out_dir, lambda module: save_checkpoint(model_path, metadata, generator, module),
                   resume, starts_trained="surrogate" in initial, augment=device_augment(with_geometry=True))
     return model_path
