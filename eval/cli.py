@@ -22,6 +22,7 @@ from eval.protocol import (
     PROTOCOLS,
     ClipScores,
     WorkerDiedError,
+    bootstrap_intervals,
     dataset_curves,
     idle_cores,
     per_clip_table,
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="missing prediction frames: fail (default) or score them as empty predictions")
     parser.add_argument("--out-dir", type=Path, help="write per_clip.csv, summary.json, curve plots and a cache")
     parser.add_argument("--all", action="store_true", help="print every metric, not only the six paper columns")
+    parser.add_argument("--bootstrap", type=positive_int, metavar="N",
+                        help="also print 95 %% intervals from N resamples (with replacement) of the clips, or of "
+                             "the frames with --protocol image, e.g. 1000; with --out-dir also in intervals.csv")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --bootstrap resamples (default 0)")
     parser.add_argument("--workers", type=positive_int,
                         help="parallel lanes at most, at least 1, one per "
                              f"{FRAMES_PER_PROCESS} frames to score: {MAIN_PROCESS_THREADS} threads of this process, "
@@ -161,8 +166,30 @@ def save_curve_plots(curves_by_method: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_outputs(out_dir: Path, summaries: dict, per_clip: dict, curves: dict) -> None:
-    """per_clip.csv (method, clip rows), summary.json (flat keys for one method, else method -> keys), plots."""
+def interval_table(summaries: dict, intervals: dict):
+    """Rows (method, metric): estimate, low, high of the bootstrap intervals (pandas DataFrame)."""
+    import pandas as pd
+
+    rows = [{"method": method, "metric": key, "estimate": summaries[method][key], "low": low, "high": high}
+            for method, by_key in intervals.items() for key, (low, high) in by_key.items()]
+    return pd.DataFrame(rows).set_index(["method", "metric"])
+
+
+def format_intervals(intervals: dict, show_all: bool, resamples: int, protocol: str) -> str:
+    """The table's columns as 'low-high' cells, 3 decimals."""
+    import pandas as pd
+
+    keys = list(SUMMARY_KEYS if show_all else PAPER_COLUMNS)
+    cells = {method: {key: f"{by_key[key][0]:.3f}-{by_key[key][1]:.3f}" for key in keys}
+             for method, by_key in intervals.items()}
+    table = pd.DataFrame.from_dict(cells, orient="index")[keys].rename_axis("method")
+    unit = "frames" if protocol == "image" else "clips"
+    return f"95 % intervals (bootstrap, {resamples} resamples of the {unit}):\n{table.to_string()}"
+
+
+def write_outputs(out_dir: Path, summaries: dict, per_clip: dict, curves: dict, intervals: dict | None = None) -> None:
+    """per_clip.csv (method, clip rows), summary.json (flat keys for one method, else method -> keys), plots;
+    intervals.csv (method, metric, estimate, low, high) with ``intervals``."""
     import pandas as pd  # imported here, as below: spawned workers re-import the main module
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +197,8 @@ def write_outputs(out_dir: Path, summaries: dict, per_clip: dict, curves: dict) 
     table.to_csv(out_dir / "per_clip.csv")
     summary = next(iter(summaries.values())) if len(summaries) == 1 else summaries
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if intervals:
+        interval_table(summaries, intervals).to_csv(out_dir / "intervals.csv")
     save_curve_plots(curves, out_dir)
 
 
@@ -187,15 +216,19 @@ def run(args) -> int:
     args.workers = args.workers or idle_cores()
     pred_roots = args.methods or [args.pred_root]
     names = method_names(pred_roots)
-    summaries, per_clip, curves, warned = {}, {}, {}, set()
+    summaries, per_clip, curves, intervals, warned = {}, {}, {}, {}, set()
     for name, pred_root in zip(names, pred_roots):
         clip_scores = evaluate_method(gt_root, pred_root, protocol, args, name, warned)
         summaries[name] = summarize(clip_scores, protocol)
         per_clip[name] = per_clip_table(clip_scores)
         curves[name] = dataset_curves(clip_scores, protocol)
+        if args.bootstrap:
+            intervals[name] = bootstrap_intervals(clip_scores, protocol, args.bootstrap, seed=args.seed)
     print(format_table(summaries, args.all))
+    if intervals:
+        print(format_intervals(intervals, args.all, args.bootstrap, protocol))
     if args.out_dir:
-        write_outputs(args.out_dir, summaries, per_clip, curves)
+        write_outputs(args.out_dir, summaries, per_clip, curves, intervals)
         print(f"results written to {args.out_dir}", file=sys.stderr)
     return 0
 

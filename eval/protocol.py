@@ -409,6 +409,37 @@ def dataset_curves(clip_scores: list[ClipScores], protocol: str = "video") -> np
     return dataset_means(clip_scores, protocol)[1]
 
 
+def bootstrap_intervals(
+    clip_scores: list[ClipScores], protocol: str = "video", resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of every summary key: {key: (low, high)} at ``level``.
+
+    What is drawn with replacement follows the protocol's weighting (``dataset_means``): video, whole clips, every
+    drawn clip weighing the same (frames of one clip are near-duplicates, so drawing frames would understate the
+    spread); image, single frames, as the image benchmarks treat every still as independent (for clips scored
+    with the image protocol that understates the spread). With one unit every resample is the data itself.
+    """
+    if not clip_scores:
+        raise EvalInputError("no frame to score: every clip was empty or too short")
+    rng = np.random.default_rng(seed)
+    if protocol == "image":
+        totals_s = np.concatenate([c.scalars for c in clip_scores])
+        totals_c = np.concatenate([c.curves for c in clip_scores])
+    else:
+        totals_s = np.stack([c.mean()[0] for c in clip_scores])
+        totals_c = np.stack([c.mean()[1] for c in clip_scores])
+    units = len(totals_s)
+    # draw counts per unit, resamples x units: each resample's mean is one matrix product
+    counts = np.stack([np.bincount(rng.integers(0, units, units), minlength=units)
+                       for _ in range(resamples)]).astype(np.float64) / units
+    scalars = counts @ totals_s
+    curves = (counts @ totals_c.reshape(units, -1)).reshape(resamples, *totals_c.shape[1:])
+    summaries = [summarize_curves(scalars[i], curves[i]) for i in range(resamples)]
+    tail = (1 - level) / 2 * 100
+    return {key: tuple(float(v) for v in np.percentile([s[key] for s in summaries], [tail, 100 - tail]))
+            for key in summaries[0]}
+
+
 def per_clip_table(clip_scores: list[ClipScores]):
     """One row per clip (pandas DataFrame, index: clip name) with n_frames and the clip's summary keys."""
     import pandas as pd  # imported here: spawned workers need only the scoring code
@@ -423,6 +454,7 @@ __all__ = [
     "ClipScores",
     "PROTOCOLS",
     "WorkerDiedError",
+    "bootstrap_intervals",
     "check_frame_order",
     "clip_cache_key",
     "dataset_curves",

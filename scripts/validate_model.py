@@ -8,6 +8,8 @@ protocol for stills. ``--prompt-baselines`` adds the AutoSAM paper's other SAM r
 with a box or an interior point per connected component of the ground truth, with the ground-truth mask as
 its mask prompt, and with AutoSAM's output as its mask prompt (vps/modeling/prompts.py). On the polyp-free
 crops of the validation images it reports the share of crops on which a method outputs any pixel above 0.5.
+Every headline number comes with a 95 % interval: a bootstrap over the clips (video protocol) or the stills
+(image protocol) from ``vps-eval --bootstrap``, and a Wilson interval for the polyp-free share.
 
     python scripts/validate_model.py --checkpoint vps/weights/autosam_litemedsam_polyp.pt \\
         --data ../shared/data/cvc-clinicdb-video ../shared/data/kvasir-seg --out runs/validation
@@ -30,6 +32,7 @@ from typing import Dict, List
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import binomtest
 from tqdm import tqdm
 
 import vps  # noqa: F401
@@ -101,15 +104,25 @@ def write_maps(args: argparse.Namespace, positives: List[Sample], crops: List[Sa
     (args.out / "polyp_free.json").write_text(json.dumps({"crops": len(crops), **free}, indent=2) + "\n")
 
 
+def wilson_interval(flagged: int, total: int) -> tuple:
+    """95 % Wilson score interval of a share of ``flagged`` in ``total``."""
+    interval = binomtest(flagged, total).proportion_ci(confidence_level=0.95, method="wilson")
+    return interval.low, interval.high
+
+
 def report(args: argparse.Namespace, positives: List[Sample], methods: List[str]) -> None:
     """Scores the maps in ``args.out`` with vps-eval and prints every table of the model card."""
-    rows = []
+    rows, interval_parts = [], []
     for source, stills in sorted(sources_are_stills(positives).items()):
         protocol = "image" if stills else "video"
         summaries = run_vps_eval(args.out / "gt" / source, [args.out / m / source for m in methods], protocol,
-                                 args.out / "eval" / source)
+                                 args.out / "eval" / source, bootstrap=args.bootstrap)
         for method_root, summary in zip(methods, summaries.values()):
             rows.append({"source": source, "protocol": protocol, "method": method_root, **summary})
+        if args.bootstrap:
+            part = pd.read_csv(args.out / "eval" / source / "intervals.csv")
+            part["method"] = part["method"].map(dict(zip(summaries, methods)))  # vps-eval's folder names -> methods
+            interval_parts.append(part.assign(source=source))
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "validation_summary.csv", index=False)
     paper = table.pivot(index="method", columns="source", values=["meanDice", "meanIoU"]).loc[methods]
@@ -122,8 +135,19 @@ def report(args: argparse.Namespace, positives: List[Sample], methods: List[str]
         print(part.set_index("method")[columns].to_string(float_format=lambda v: f"{v:.3f}"))
     print("\nThe AutoSAM paper's format (meanDice / meanIoU per set):")
     print(paper.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"\nPolyp-free crops (any pixel above 0.5), share of {crops}:")
-    print(pd.Series(free).to_string(float_format=lambda v: f"{v:.3f}"))
+    if interval_parts:
+        intervals = pd.concat(interval_parts)[["source", "method", "metric", "estimate", "low", "high"]]
+        intervals.to_csv(args.out / "validation_intervals.csv", index=False)
+        headline = intervals[intervals["metric"].isin(["maxDice", "meanDice", "meanIoU"])]
+        cells = headline.assign(cell=[f"{r.estimate:.3f} ({r.low:.3f}-{r.high:.3f})" for r in headline.itertuples()])
+        print(f"\n95 % intervals (bootstrap, {args.bootstrap} resamples of the clips or stills of each set):")
+        print(cells.pivot(index="method", columns=["source", "metric"], values="cell").loc[methods].to_string())
+    print(f"\nPolyp-free crops (any pixel above 0.5), share of {crops} (95 % Wilson interval):")
+    shares = pd.DataFrame({"share": free})
+    if crops:
+        bounds = [wilson_interval(round(share * crops), crops) for share in shares["share"]]
+        shares["low"], shares["high"] = [b[0] for b in bounds], [b[1] for b in bounds]
+    print(shares.to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 def main() -> None:
@@ -137,6 +161,8 @@ def main() -> None:
     parser.add_argument("--prompt-baselines", action="store_true",
                         help="also SAM prompted with a box or an interior point per connected component of the "
                              "ground truth, the ground-truth mask, and AutoSAM's output as the mask prompt")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="resamples for the 95 %% intervals (vps-eval --bootstrap; default 1000, 0: none)")
     parser.add_argument("--eval-only", action="store_true",
                         help="score the maps an earlier run of this command left in --out (no model run)")
     args = parser.parse_args()

@@ -70,6 +70,25 @@ def test_methods_and_image_protocol(tmp_path, capsys):
     assert pd.read_csv(tmp_path / "o" / "per_clip.csv")["n_frames"].tolist() == [3, 3]  # nothing dropped
 
 
+def test_bootstrap_prints_and_writes_intervals_around_the_estimates(tmp_path, capsys):
+    stems = [str(i) for i in range(8)]
+    write_frames(tmp_path / "gt", stems)
+    write_frames(tmp_path / "pred", stems[:5], pred=True)
+    write_frames(tmp_path / "pred", stems[5:], pred=True, shift=6)  # three poor predictions
+    args = ["--gt-root", str(tmp_path / "gt"), "--protocol", "image", "--pred-root", str(tmp_path / "pred"),
+            "--workers", "1", "--out-dir", str(tmp_path / "o"), "--bootstrap", "300"]
+    assert main(args) == 0
+    assert "95 % intervals (bootstrap, 300 resamples of the frames)" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    intervals = pd.read_csv(tmp_path / "o" / "intervals.csv").set_index("metric")
+    assert set(intervals.index) == set(summary)
+    dice = intervals.loc["maxDice"]
+    assert dice["estimate"] == pytest.approx(summary["maxDice"])
+    assert dice["low"] < dice["estimate"] < dice["high"]
+    assert main(args[:-1] + ["0"]) == 2
+    assert "--bootstrap" in error_line(capsys)
+
+
 def test_resized_predictions_are_accepted(tmp_path, capsys):
     write_frames(tmp_path / "gt" / "c", ["1", "2", "3"], shape=(32, 40))
     write_frames(tmp_path / "pred" / "c", ["1", "2", "3"], shape=(16, 20), pred=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eval.metrics import SCALAR_NAMES, score_frame, summarize_curves
-from eval.protocol import ClipScores, clip_cache_key, frames_to_score, score_clips, summarize
+from eval.protocol import ClipScores, bootstrap_intervals, clip_cache_key, frames_to_score, score_clips, summarize
 from eval.readers import Clip, find_gt_clips, frame_sort_key, match_predictions
 
 
@@ -232,3 +232,34 @@ def test_frame_number_is_the_last_number_and_unnumbered_names_sort_last():
     assert [p.name for p in sorted(map(Path, names), key=frame_sort_key)] == [
         "3_mask.png", "12_mask.png", "img_20.png", "cover.png",
     ]  # fmt: skip
+
+
+def constant_clip(name: str, value: float, frames: int) -> ClipScores:
+    return ClipScores(name, np.full((frames, len(SCALAR_NAMES)), value), np.full((frames, 6, 256), value))
+
+
+def test_bootstrap_draws_clips_in_the_video_protocol_and_frames_in_the_image_protocol():
+    clips = [constant_clip("good", 1.0, 10), constant_clip("bad", 0.0, 10)]
+    video = bootstrap_intervals(clips, "video", resamples=400, seed=1)
+    image = bootstrap_intervals(clips, "image", resamples=400, seed=1)
+    # two clips: a resample draws both good (1), both bad (0) or one of each (0.5), each often enough
+    assert video["maxDice"] == (pytest.approx(0.0), pytest.approx(1.0))
+    # twenty frames: the resampled share of good frames stays near one half
+    low, high = image["maxDice"]
+    assert 0.2 < low < 0.5 < high < 0.8
+    assert bootstrap_intervals(clips, "image", resamples=400, seed=1) == image  # seeded
+    assert bootstrap_intervals(clips, "image", resamples=400, seed=2) != image
+
+
+def test_bootstrap_of_identical_units_is_the_estimate_and_intervals_hold_it():
+    same = [constant_clip(str(i), 0.7, 3) for i in range(4)]
+    low, high = bootstrap_intervals(same, "video", resamples=50)["Smeasure"]
+    assert low == pytest.approx(0.7) and high == pytest.approx(0.7)
+    rng = np.random.default_rng(0)
+    mixed = [ClipScores(str(i), rng.uniform(size=(3, len(SCALAR_NAMES))), rng.uniform(size=(3, 6, 256)))
+             for i in range(8)]
+    estimate = summarize(mixed, "video")
+    # averages (a max over noisy thresholds picks the best threshold of each resample and leans high)
+    for key, (low, high) in bootstrap_intervals(mixed, "video", resamples=300).items():
+        if not key.startswith("max"):
+            assert low < estimate[key] < high, key

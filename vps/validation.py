@@ -71,11 +71,13 @@ def validation_samples(meta: dict, roots: Sequence[Path], with_crops: bool = Tru
     return val, crops
 
 
-def run_vps_eval(gt_root: Path, method_roots: List[Path], protocol: str, out_dir: Path) -> Dict[str, dict]:
+def run_vps_eval(gt_root: Path, method_roots: List[Path], protocol: str, out_dir: Path,
+                 bootstrap: int = 0) -> Dict[str, dict]:
     """Scores ``method_roots`` against ``gt_root`` with vps-eval (all metrics); returns {method: summary}, in the
-    order of ``method_roots``. vps-eval's own output (its table, warnings) goes to this process's console."""
+    order of ``method_roots``. vps-eval's own output (its table, warnings) goes to this process's console.
+    ``bootstrap``: also 95 % intervals from that many resamples, in ``<out_dir>/intervals.csv``."""
     arguments = ["--gt-root", str(gt_root), "--protocol", protocol, "--out-dir", str(out_dir), "--all",
-                 "--methods", *[str(m) for m in method_roots]]
+                 *(["--bootstrap", str(bootstrap)] if bootstrap else []), "--methods", *[str(m) for m in method_roots]]
     print(" ".join(["vps-eval", *arguments]), flush=True)
     # vps-eval of this interpreter's environment, whether or not its bin folder is on PATH
     result = subprocess.run([sys.executable, "-m", "eval.cli", *arguments])
