@@ -22,10 +22,11 @@ from eval.protocol import (
     PROTOCOLS,
     ClipScores,
     WorkerDiedError,
-    bootstrap_intervals,
+    bootstrap_summaries,
     dataset_curves,
     idle_cores,
     per_clip_table,
+    percentile_intervals,
     score_clips,
     summarize,
 )
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--all", action="store_true", help="print every metric, not only the six paper columns")
     parser.add_argument("--bootstrap", type=positive_int, metavar="N",
                         help="also print 95 %% intervals from N resamples (with replacement) of the clips, or of "
-                             "the frames with --protocol image, e.g. 1000; with --out-dir also in intervals.csv")
+                             "the frames with --protocol image, e.g. 1000, and with --methods the paired "
+                             "differences to the first method; with --out-dir also in intervals.csv, differences.csv")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --bootstrap resamples (default 0)")
     parser.add_argument("--workers", type=positive_int,
                         help="parallel lanes at most, at least 1, one per "
@@ -166,30 +168,42 @@ def save_curve_plots(curves_by_method: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def interval_table(summaries: dict, intervals: dict):
+def interval_table(estimates: dict, intervals: dict):
     """Rows (method, metric): estimate, low, high of the bootstrap intervals (pandas DataFrame)."""
     import pandas as pd
 
-    rows = [{"method": method, "metric": key, "estimate": summaries[method][key], "low": low, "high": high}
+    rows = [{"method": method, "metric": key, "estimate": estimates[method][key], "low": low, "high": high}
             for method, by_key in intervals.items() for key, (low, high) in by_key.items()]
     return pd.DataFrame(rows).set_index(["method", "metric"])
 
 
-def format_intervals(intervals: dict, show_all: bool, resamples: int, protocol: str) -> str:
-    """The table's columns as 'low-high' cells, 3 decimals."""
+def format_intervals(estimates: dict, intervals: dict, show_all: bool, title: str, signed: bool = False) -> str:
+    """The table's columns as 'estimate (low to high)' cells, 3 decimals (``signed``: with a + for gains)."""
     import pandas as pd
 
+    number = "{:+.3f}" if signed else "{:.3f}"
     keys = list(SUMMARY_KEYS if show_all else PAPER_COLUMNS)
-    cells = {method: {key: f"{by_key[key][0]:.3f}-{by_key[key][1]:.3f}" for key in keys}
+    cells = {method: {key: f"{number.format(estimates[method][key])} ({number.format(by_key[key][0])} to "
+                           f"{number.format(by_key[key][1])})" for key in keys}
              for method, by_key in intervals.items()}
     table = pd.DataFrame.from_dict(cells, orient="index")[keys].rename_axis("method")
-    unit = "frames" if protocol == "image" else "clips"
-    return f"95 % intervals (bootstrap, {resamples} resamples of the {unit}):\n{table.to_string()}"
+    return f"{title}\n{table.to_string()}"
 
 
-def write_outputs(out_dir: Path, summaries: dict, per_clip: dict, curves: dict, intervals: dict | None = None) -> None:
+def paired_differences(summaries: dict, draws: dict) -> tuple[dict, dict]:
+    """(estimates, intervals) of every method but the first minus the first, per key, from the same bootstrap
+    draws (paired: each draw holds the same clips or frames for every method)."""
+    reference, *others = list(draws)
+    estimates = {m: {k: summaries[m][k] - summaries[reference][k] for k in summaries[m]} for m in others}
+    intervals = {m: percentile_intervals({k: draws[m][k] - draws[reference][k] for k in draws[m]}) for m in others}
+    return estimates, intervals
+
+
+def write_outputs(out_dir: Path, summaries: dict, per_clip: dict, curves: dict, intervals: dict | None = None,
+                  differences: tuple | None = None) -> None:
     """per_clip.csv (method, clip rows), summary.json (flat keys for one method, else method -> keys), plots;
-    intervals.csv (method, metric, estimate, low, high) with ``intervals``."""
+    intervals.csv (method, metric, estimate, low, high) with ``intervals``, differences.csv (the same for each
+    method minus the first) with ``differences`` (``paired_differences``)."""
     import pandas as pd  # imported here, as below: spawned workers re-import the main module
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +213,8 @@ def write_outputs(out_dir: Path, summaries: dict, per_clip: dict, curves: dict, 
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if intervals:
         interval_table(summaries, intervals).to_csv(out_dir / "intervals.csv")
+    if differences and differences[1]:
+        interval_table(*differences).to_csv(out_dir / "differences.csv")
     save_curve_plots(curves, out_dir)
 
 
@@ -216,19 +232,26 @@ def run(args) -> int:
     args.workers = args.workers or idle_cores()
     pred_roots = args.methods or [args.pred_root]
     names = method_names(pred_roots)
-    summaries, per_clip, curves, intervals, warned = {}, {}, {}, {}, set()
+    summaries, per_clip, curves, draws, warned = {}, {}, {}, {}, set()
     for name, pred_root in zip(names, pred_roots):
         clip_scores = evaluate_method(gt_root, pred_root, protocol, args, name, warned)
         summaries[name] = summarize(clip_scores, protocol)
         per_clip[name] = per_clip_table(clip_scores)
         curves[name] = dataset_curves(clip_scores, protocol)
         if args.bootstrap:
-            intervals[name] = bootstrap_intervals(clip_scores, protocol, args.bootstrap, seed=args.seed)
+            draws[name] = bootstrap_summaries(clip_scores, protocol, args.bootstrap, seed=args.seed)
     print(format_table(summaries, args.all))
+    intervals = {name: percentile_intervals(method_draws) for name, method_draws in draws.items()}
+    differences = paired_differences(summaries, draws) if len(draws) > 1 else None
     if intervals:
-        print(format_intervals(intervals, args.all, args.bootstrap, protocol))
+        unit = "frames" if protocol == "image" else "clips"
+        print(format_intervals(summaries, intervals, args.all,
+                               f"95 % intervals (bootstrap, {args.bootstrap} resamples of the {unit}):"))
+    if differences:
+        print(format_intervals(*differences, args.all, f"minus {names[0]}, paired (the same draws), 95 % intervals:",
+                               signed=True))
     if args.out_dir:
-        write_outputs(args.out_dir, summaries, per_clip, curves, intervals)
+        write_outputs(args.out_dir, summaries, per_clip, curves, intervals, differences)
         print(f"results written to {args.out_dir}", file=sys.stderr)
     return 0
 

@@ -409,15 +409,16 @@ def dataset_curves(clip_scores: list[ClipScores], protocol: str = "video") -> np
     return dataset_means(clip_scores, protocol)[1]
 
 
-def bootstrap_intervals(
-    clip_scores: list[ClipScores], protocol: str = "video", resamples: int = 1000, level: float = 0.95, seed: int = 0
-) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals of every summary key: {key: (low, high)} at ``level``.
+def bootstrap_summaries(
+    clip_scores: list[ClipScores], protocol: str = "video", resamples: int = 1000, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Every summary key of ``resamples`` bootstrap draws of the data: {key: (resamples,) values}.
 
     What is drawn with replacement follows the protocol's weighting (``dataset_means``): video, whole clips, every
     drawn clip weighing the same (frames of one clip are near-duplicates, so drawing frames would understate the
     spread); image, single frames, as the image benchmarks treat every still as independent (for clips scored
-    with the image protocol that understates the spread). With one unit every resample is the data itself.
+    with the image protocol that understates the spread). The draws depend only on ``seed`` and the number of
+    units, so methods scored on the same data get the same draws: their differences are paired.
     """
     if not clip_scores:
         raise EvalInputError("no frame to score: every clip was empty or too short")
@@ -435,9 +436,21 @@ def bootstrap_intervals(
     scalars = counts @ totals_s
     curves = (counts @ totals_c.reshape(units, -1)).reshape(resamples, *totals_c.shape[1:])
     summaries = [summarize_curves(scalars[i], curves[i]) for i in range(resamples)]
+    return {key: np.array([s[key] for s in summaries]) for key in summaries[0]}
+
+
+def percentile_intervals(draws: dict[str, np.ndarray], level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """{key: (low, high)}: the central ``level`` of each key's bootstrap draws."""
     tail = (1 - level) / 2 * 100
-    return {key: tuple(float(v) for v in np.percentile([s[key] for s in summaries], [tail, 100 - tail]))
-            for key in summaries[0]}
+    return {key: tuple(float(v) for v in np.percentile(values, [tail, 100 - tail])) for key, values in draws.items()}
+
+
+def bootstrap_intervals(
+    clip_scores: list[ClipScores], protocol: str = "video", resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of every summary key, {key: (low, high)} at ``level``
+    (``bootstrap_summaries``). With one unit every draw is the data itself and the interval is the estimate."""
+    return percentile_intervals(bootstrap_summaries(clip_scores, protocol, resamples, seed), level)
 
 
 def per_clip_table(clip_scores: list[ClipScores]):
@@ -455,6 +468,7 @@ __all__ = [
     "PROTOCOLS",
     "WorkerDiedError",
     "bootstrap_intervals",
+    "bootstrap_summaries",
     "check_frame_order",
     "clip_cache_key",
     "dataset_curves",
@@ -462,6 +476,7 @@ __all__ = [
     "frames_to_score",
     "idle_cores",
     "per_clip_table",
+    "percentile_intervals",
     "score_clips",
     "summarize",
 ]

@@ -110,9 +110,17 @@ def wilson_interval(flagged: int, total: int) -> tuple:
     return interval.low, interval.high
 
 
+def headline_cells(table: pd.DataFrame, number: str) -> pd.DataFrame:
+    """methods x (source, metric) cells 'estimate (low to high)' of the card's headline metrics."""
+    rows = table[table["metric"].isin(["maxDice", "meanDice", "meanIoU"])]
+    cells = [f"{number.format(r.estimate)} ({number.format(r.low)} to {number.format(r.high)})"
+             for r in rows.itertuples()]
+    return rows.assign(cell=cells).pivot(index="method", columns=["source", "metric"], values="cell")
+
+
 def report(args: argparse.Namespace, positives: List[Sample], methods: List[str]) -> None:
     """Scores the maps in ``args.out`` with vps-eval and prints every table of the model card."""
-    rows, interval_parts = [], []
+    rows, interval_parts, difference_parts = [], [], []
     for source, stills in sorted(sources_are_stills(positives).items()):
         protocol = "image" if stills else "video"
         summaries = run_vps_eval(args.out / "gt" / source, [args.out / m / source for m in methods], protocol,
@@ -120,9 +128,10 @@ def report(args: argparse.Namespace, positives: List[Sample], methods: List[str]
         for method_root, summary in zip(methods, summaries.values()):
             rows.append({"source": source, "protocol": protocol, "method": method_root, **summary})
         if args.bootstrap:
-            part = pd.read_csv(args.out / "eval" / source / "intervals.csv")
-            part["method"] = part["method"].map(dict(zip(summaries, methods)))  # vps-eval's folder names -> methods
-            interval_parts.append(part.assign(source=source))
+            names = dict(zip(summaries, methods))  # vps-eval's folder names -> methods
+            for name, parts in (("intervals.csv", interval_parts), ("differences.csv", difference_parts)):
+                part = pd.read_csv(args.out / "eval" / source / name)
+                parts.append(part.assign(source=source, method=part["method"].map(names)))
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "validation_summary.csv", index=False)
     paper = table.pivot(index="method", columns="source", values=["meanDice", "meanIoU"]).loc[methods]
@@ -136,12 +145,14 @@ def report(args: argparse.Namespace, positives: List[Sample], methods: List[str]
     print("\nThe AutoSAM paper's format (meanDice / meanIoU per set):")
     print(paper.to_string(float_format=lambda v: f"{v:.3f}"))
     if interval_parts:
-        intervals = pd.concat(interval_parts)[["source", "method", "metric", "estimate", "low", "high"]]
+        columns = ["source", "method", "metric", "estimate", "low", "high"]
+        intervals, differences = pd.concat(interval_parts)[columns], pd.concat(difference_parts)[columns]
         intervals.to_csv(args.out / "validation_intervals.csv", index=False)
-        headline = intervals[intervals["metric"].isin(["maxDice", "meanDice", "meanIoU"])]
-        cells = headline.assign(cell=[f"{r.estimate:.3f} ({r.low:.3f}-{r.high:.3f})" for r in headline.itertuples()])
+        differences.to_csv(args.out / "validation_differences.csv", index=False)
         print(f"\n95 % intervals (bootstrap, {args.bootstrap} resamples of the clips or stills of each set):")
-        print(cells.pivot(index="method", columns=["source", "metric"], values="cell").loc[methods].to_string())
+        print(headline_cells(intervals, "{:.3f}").loc[methods].to_string())
+        print(f"\nMinus {methods[0]}, paired (the same draws for every method), 95 % intervals:")
+        print(headline_cells(differences, "{:+.3f}").loc[methods[1:]].to_string())
     print(f"\nPolyp-free crops (any pixel above 0.5), share of {crops} (95 % Wilson interval):")
     shares = pd.DataFrame({"share": free})
     if crops:

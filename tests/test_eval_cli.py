@@ -70,22 +70,32 @@ def test_methods_and_image_protocol(tmp_path, capsys):
     assert pd.read_csv(tmp_path / "o" / "per_clip.csv")["n_frames"].tolist() == [3, 3]  # nothing dropped
 
 
-def test_bootstrap_prints_and_writes_intervals_around_the_estimates(tmp_path, capsys):
+def test_bootstrap_prints_and_writes_intervals_and_paired_differences(tmp_path, capsys):
     stems = [str(i) for i in range(8)]
     write_frames(tmp_path / "gt", stems)
-    write_frames(tmp_path / "pred", stems[:5], pred=True)
-    write_frames(tmp_path / "pred", stems[5:], pred=True, shift=6)  # three poor predictions
-    args = ["--gt-root", str(tmp_path / "gt"), "--protocol", "image", "--pred-root", str(tmp_path / "pred"),
-            "--workers", "1", "--out-dir", str(tmp_path / "o"), "--bootstrap", "300"]
+    for method, poor in (("a", 3), ("b", 3), ("c", 6)):  # b is a copy of a; c has more poor predictions
+        write_frames(tmp_path / method, stems[:8 - poor], pred=True)
+        write_frames(tmp_path / method, stems[8 - poor:], pred=True, shift=6)
+    args = ["--gt-root", str(tmp_path / "gt"), "--protocol", "image", "--workers", "1", "--out-dir",
+            str(tmp_path / "o"), "--bootstrap", "300", "--methods", *[str(tmp_path / m) for m in "abc"]]
     assert main(args) == 0
-    assert "95 % intervals (bootstrap, 300 resamples of the frames)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "95 % intervals (bootstrap, 300 resamples of the frames)" in printed
+    assert "minus a, paired (the same draws), 95 % intervals" in printed
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    intervals = pd.read_csv(tmp_path / "o" / "intervals.csv").set_index("metric")
-    assert set(intervals.index) == set(summary)
-    dice = intervals.loc["maxDice"]
-    assert dice["estimate"] == pytest.approx(summary["maxDice"])
+    intervals = pd.read_csv(tmp_path / "o" / "intervals.csv").set_index(["method", "metric"])
+    assert set(intervals.loc["a"].index) == set(summary["a"])
+    dice = intervals.loc[("a", "maxDice")]
+    assert dice["estimate"] == pytest.approx(summary["a"]["maxDice"])
     assert dice["low"] < dice["estimate"] < dice["high"]
-    assert main(args[:-1] + ["0"]) == 2
+    differences = pd.read_csv(tmp_path / "o" / "differences.csv").set_index(["method", "metric"])
+    assert set(differences.index.get_level_values("method")) == {"b", "c"}
+    same = differences.loc["b"]
+    assert (same[["estimate", "low", "high"]].abs() < 1e-12).all().all()  # the same maps: no difference in any draw
+    worse = differences.loc[("c", "Dice@0.5")]
+    assert worse["estimate"] == pytest.approx(summary["c"]["Dice@0.5"] - summary["a"]["Dice@0.5"])
+    assert worse["low"] <= worse["estimate"] <= worse["high"] < 0
+    assert main(args[:args.index("--bootstrap") + 1] + ["0"] + args[args.index("--bootstrap") + 2:]) == 2
     assert "--bootstrap" in error_line(capsys)
 
 
