@@ -240,6 +240,20 @@ def test_ema_decay_saves_the_moving_average_of_the_weights(tmp_path, monkeypatch
     assert not all(torch.allclose(saved[k], other[k], atol=1e-4) for k in floats)
 
 
+def test_a_resumed_run_continues_the_moving_average(tmp_path):
+    data = write_clips(tmp_path / "data")
+    config = tiny_config(data, tmp_path / "cache", epochs=1)
+    config["train_g"]["ema_decay"] = 0.9
+    train(config, tmp_path / "run", stages=("g",))
+    first = torch.load(tmp_path / "run" / "g_last.pt", weights_only=True)["averaged"]
+    config["train_g"]["epochs"] = 2
+    train(config, tmp_path / "run", stages=("g",), resume=True)
+    second = torch.load(tmp_path / "run" / "g_last.pt", weights_only=True)["averaged"]
+    # 8 training frames (clips c0, c1) at batch 4: two steps per epoch; the average holds the start and every step
+    assert first["n_averaged"].item() == 1 + 2 and second["n_averaged"].item() == 1 + 2 + 2
+    assert any(not torch.equal(first[k], second[k]) for k in first if first[k].is_floating_point())
+
+
 def test_train_writes_checkpoints_logs_and_resumes(tmp_path):
     data = write_clips(tmp_path / "data")
     out = tmp_path / "run"
