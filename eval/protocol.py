@@ -382,21 +382,26 @@ def warn_about_inputs(clips: list[Clip], clip_scores: list[ClipScores], warned: 
             warned.add(message)
 
 
-def dataset_means(clip_scores: list[ClipScores], protocol: str = "video") -> tuple[np.ndarray, np.ndarray]:
-    """Dataset averages (scalars (n_scalars,), curves (n_curves, 256)).
+def unit_scores(clip_scores: list[ClipScores], protocol: str = "video") -> tuple[np.ndarray, np.ndarray]:
+    """The units the protocol weighs the same, as rows: scalars (U, n_scalars), curves (U, n_curves, 256).
 
-    video: every clip weighs the same (mean of the clip means); image: every frame weighs the same
-    (mean over all frames of all clips).
+    video: one row per clip (the clip's means); image: one row per frame of every clip.
     """
     if not clip_scores:
         raise EvalInputError("no frame to score: every clip was empty or too short")
     if protocol == "image":
-        return (
-            np.concatenate([c.scalars for c in clip_scores]).mean(axis=0),
-            np.concatenate([c.curves for c in clip_scores]).mean(axis=0),
-        )
+        return np.concatenate([c.scalars for c in clip_scores]), np.concatenate([c.curves for c in clip_scores])
     means = [c.mean() for c in clip_scores]
-    return np.mean([s for s, _ in means], axis=0), np.mean([c for _, c in means], axis=0)
+    return np.stack([s for s, _ in means]), np.stack([c for _, c in means])
+
+
+def dataset_means(clip_scores: list[ClipScores], protocol: str = "video") -> tuple[np.ndarray, np.ndarray]:
+    """Dataset averages (scalars (n_scalars,), curves (n_curves, 256)): the mean of the protocol's units
+    (``unit_scores``). video: every clip weighs the same (mean of the clip means); image: every frame weighs the
+    same (mean over all frames of all clips).
+    """
+    scalars, curves = unit_scores(clip_scores, protocol)
+    return scalars.mean(axis=0), curves.mean(axis=0)
 
 
 def summarize(clip_scores: list[ClipScores], protocol: str = "video") -> dict[str, float]:
@@ -414,27 +419,20 @@ def bootstrap_summaries(
 ) -> dict[str, np.ndarray]:
     """Every summary key of ``resamples`` bootstrap draws of the data: {key: (resamples,) values}.
 
-    What is drawn with replacement follows the protocol's weighting (``dataset_means``): video, whole clips, every
-    drawn clip weighing the same (frames of one clip are near-duplicates, so drawing frames would understate the
-    spread); image, single frames, as the image benchmarks treat every still as independent (for clips scored
-    with the image protocol that understates the spread). The draws depend only on ``seed`` and the number of
-    units, so methods scored on the same data get the same draws: their differences are paired.
+    What is drawn with replacement are the protocol's units (``unit_scores``): video, whole clips, every drawn clip
+    weighing the same (frames of one clip are near-duplicates, so drawing frames would understate the spread);
+    image, single frames, as the image benchmarks treat every still as independent (for clips scored with the
+    image protocol that understates the spread). The draws depend only on ``seed`` and the number of units, so
+    methods scored on the same data get the same draws: their differences are paired.
     """
-    if not clip_scores:
-        raise EvalInputError("no frame to score: every clip was empty or too short")
+    unit_scalars, unit_curves = unit_scores(clip_scores, protocol)
     rng = np.random.default_rng(seed)
-    if protocol == "image":
-        totals_s = np.concatenate([c.scalars for c in clip_scores])
-        totals_c = np.concatenate([c.curves for c in clip_scores])
-    else:
-        totals_s = np.stack([c.mean()[0] for c in clip_scores])
-        totals_c = np.stack([c.mean()[1] for c in clip_scores])
-    units = len(totals_s)
+    units = len(unit_scalars)
     # draw counts per unit, resamples x units: each resample's mean is one matrix product
     counts = np.stack([np.bincount(rng.integers(0, units, units), minlength=units)
                        for _ in range(resamples)]).astype(np.float64) / units
-    scalars = counts @ totals_s
-    curves = (counts @ totals_c.reshape(units, -1)).reshape(resamples, *totals_c.shape[1:])
+    scalars = counts @ unit_scalars
+    curves = (counts @ unit_curves.reshape(units, -1)).reshape(resamples, *unit_curves.shape[1:])
     summaries = [summarize_curves(scalars[i], curves[i]) for i in range(resamples)]
     return {key: np.array([s[key] for s in summaries]) for key in summaries[0]}
 
@@ -479,4 +477,5 @@ __all__ = [
     "percentile_intervals",
     "score_clips",
     "summarize",
+    "unit_scores",
 ]

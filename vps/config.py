@@ -135,7 +135,8 @@ KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "encoder_backend": (lambda v: v in _BACKENDS(), "one of auto|eager|openvino|onnx|compile"),
     "augment_on": (lambda v: v in _AUGMENT_ON(), "one of auto|loader|device"),
     "minutes?": (lambda v: v is None or (_as_float(v) or 0) > 0, "null or a number of minutes > 0"),
-    "decay?": (lambda v: v is None or (_as_float(v) is not None and 0 < _as_float(v) < 1), "null or a number in (0, 1)"),
+    "decay?": (lambda v: v is None or (_as_float(v) is not None and 0 < _as_float(v) < 1),
+               "null or a number in (0, 1)"),
 }
 FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share", "minutes?", "decay?")
 
@@ -296,7 +297,8 @@ def resume_config(run_dir: str | Path, overrides: Iterable[str]) -> Dict[str, An
     """The saved config of the run in ``run_dir`` with ``overrides`` applied, validated.
 
     Only the epochs of either stage, ``runtime.*``, ``cache.dir`` and ``cache.validation`` may change: an override
-    that changes any other key (data, model, augmentation, cache views, learning rate, batch size, ...) is a ConfigError naming the key.
+    that changes any other key (data, model, augmentation, cache views, learning rate, batch size, ...) is a
+    ConfigError naming the key.
     """
     run_dir = Path(run_dir)
     saved_path = run_dir / "config.yaml"

@@ -249,7 +249,8 @@ def run_stage(
     averaged = (AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(float(settings["ema_decay"])),
                               use_buffers=True) if settings.get("ema_decay") else None)
     scored = averaged.module if averaged is not None else trainable
-    if resume and state_path.is_file():
+    resuming = resume and state_path.is_file()
+    if resuming:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         trainable.load_state_dict(state["module"])
         if averaged is not None:
@@ -277,7 +278,7 @@ def run_stage(
             per_source = "".join(f", {k} {v:.4f}" for k, v in by_source.items()) if len(by_source) > 1 else ""
             print(f"{name} before training (model.init_from): validation Dice {start_dice:.4f}{per_source}",
                   flush=True)
-    if averaged is not None and not (resume and state_path.is_file()):
+    if averaged is not None and not resuming:
         averaged.update_parameters(trainable)  # the average starts at the starting weights
     model = DistributedDataParallel(trainable) if runtime.distributed else trainable
     last_plot = -math.inf
