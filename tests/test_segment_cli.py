@@ -239,7 +239,10 @@ def test_output_cannot_be_written(tmp_path, capsys, checkpoint):
     video = make_video(tmp_path / "clip.mp4", count=2)
     (tmp_path / "file").write_text("a file, not a folder")
     code, _, err = segment(capsys, video, "--out", tmp_path / "file" / "m.mp4", *light(checkpoint))
-    assert_error(code, err, "cannot write")
+    assert_error(code, err, f"cannot write {tmp_path / 'file' / 'm.mp4'}: {tmp_path / 'file'} is a file, not a folder")
+    code, _, err = segment(capsys, video, "--png-dir", tmp_path / "file" / "png", *light(checkpoint))
+    assert_error(code, err, f"{tmp_path / 'file'} is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "a file, not a folder"
 
 
 def test_usage_errors(tmp_path, capsys, checkpoint, monkeypatch):

@@ -455,6 +455,9 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise InputError(f"output exists: {path} (pass --overwrite to replace it)")
     if path.is_dir() and path.suffix:
         raise InputError(f"output is a folder: {path}")
+    blocking_file = next((folder for folder in path.parents if folder.is_file()), None)
+    if blocking_file is not None:
+        raise InputError(f"cannot write {path}: {blocking_file} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
