@@ -455,13 +455,12 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise InputError(f"output exists: {path} (pass --overwrite to replace it)")
     if path.is_dir() and path.suffix:
         raise InputError(f"output is a folder: {path}")
-    blocking_file = next((folder for folder in path.parents if folder.is_file()), None)
-    if blocking_file is not None:
-        raise InputError(f"cannot write {path}: {blocking_file} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"cannot write {path}: {error.strerror or _first_line(error)}") from None
+        blocking_file = next((folder for folder in path.parents if folder.is_file()), None)
+        reason = f"{blocking_file} is a file, not a folder" if blocking_file else error.strerror or _first_line(error)
+        raise InputError(f"cannot write {path}: {reason}") from None
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {path}: permission denied")
 
