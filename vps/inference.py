@@ -45,7 +45,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """The one rule for ``auto``, shared by inference and training.
 
     ``auto``: bf16 autocast on CUDA and on CPUs that compute bf16 natively (AVX512-BF16 or AMX,
-    from the CPU flags), where it is about 2.5x faster than fp32 for AutoSAM; fp32 on other CPUs,
+    from the CPU flags), where it is 1.7x to 2.5x faster than fp32 for AutoSAM; fp32 on other CPUs,
     which emulate bf16 slowly. Any other name is returned as given (checked by ``autocast_dtype``).
     """
     if precision != "auto":
