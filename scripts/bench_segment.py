@@ -9,7 +9,8 @@ Measures (same clip, model and precision on both sides of each ratio):
            process as a user runs it, model start-up included, with an empty and with a filled export
            cache / a plain fp32 per-frame loop of LiteMedSAM's image encoder alone (decode every frame
            first, then the encoder on one 256 x 256 frame at a time), on --baseline-frames frames; and
-           the defaults without AutoSAM's box refinement, and without its flip TTA (the cost of each)
+           the defaults without AutoSAM's box refinement, without its flip TTA, and without its embedding
+           prompt head (the cost of each)
   backends each backend (eager, OpenVINO, ONNX Runtime; torch.compile with --compile) on the built-in
            model: start-up (export + compile, then from the cache), model-only frames/s at the default
            batch, and its probabilities against eager fp32 on real frames (mean |dp|, Dice at 0.5)
@@ -244,7 +245,8 @@ def baseline(args: argparse.Namespace, tmp: Path) -> None:
         seconds = vps_segment_seconds(video, tmp / "baseline" / "masks.mp4", cache)
         row(f"vps-segment defaults, whole process, cache {state}", f"{count / seconds:.3f} f/s",
             f"{seconds:.0f} s for {count} frames; {count / seconds / plain:.2f}x the baseline (target 3x, goal 5x)")
-    for what, option in (("the box refinement", "--no-box-refinement"), ("the flip TTA", "--no-flip-tta")):
+    for what, option in (("the box refinement", "--no-box-refinement"), ("the flip TTA", "--no-flip-tta"),
+                         ("the embedding prompt head", "--no-embedding-prompt")):
         without = vps_segment_seconds(video, tmp / "baseline" / "masks.mp4", cache, option)
         row(f"  the same without {what} ({option}), cache filled", f"{count / without:.3f} f/s",
             f"{without:.0f} s; its cost: the defaults take {seconds / without:.2f}x this time")

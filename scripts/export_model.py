@@ -10,7 +10,8 @@ import csv
 from pathlib import Path
 
 import vps  # noqa: F401
-from vps.modeling import build_prompt_generator, build_surrogate, read_checkpoint, save_checkpoint
+from vps.modeling import (build_embedding_prompt, build_prompt_generator, build_surrogate, read_checkpoint,
+                          save_checkpoint)
 
 
 def main() -> None:
@@ -21,6 +22,9 @@ def main() -> None:
                         help="AutoSAM's box refinement at inference (default: the run's setting, model.box_refinement)")
     parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                         help="AutoSAM's mirrored prompt at inference (default: the run's setting, model.flip_tta)")
+    parser.add_argument("--embedding-prompt", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the run's embedding prompt head (default: when the run has one; --no-embedding-"
+                             "prompt exports g and h alone)")
     args = parser.parse_args()
     payload = read_checkpoint(args.run / "model.pt")
     meta = dict(payload["meta"])
@@ -28,7 +32,7 @@ def main() -> None:
         meta["box_refinement"] = args.box_refinement
     if args.flip_tta is not None:
         meta["flip_tta"] = args.flip_tta
-    for stage in ("g", "h"):
+    for stage in ("g", "embedding_prompt", "h"):
         log = args.run / f"log_{stage}.csv"
         if log.is_file():
             rows = list(csv.DictReader(log.open()))
@@ -41,8 +45,19 @@ def main() -> None:
     if "surrogate" in payload:
         surrogate = build_surrogate(meta.get("surrogate"))
         surrogate.load_state_dict(payload["surrogate"])
-    path = save_checkpoint(args.out, meta, generator, surrogate, half=True)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, float16): {meta.get('stage_g')}, {meta.get('stage_h')}")
+    embedding_prompt = None
+    if args.embedding_prompt and "embedding_prompt" not in payload:
+        raise SystemExit(f"export_model: {args.run / 'model.pt'} holds no embedding prompt head")
+    if "embedding_prompt" in payload and args.embedding_prompt is not False:
+        embedding_prompt = build_embedding_prompt(meta["embedding_prompt"])
+        embedding_prompt.load_state_dict(payload["embedding_prompt"])
+    elif "embedding_prompt" in meta:
+        dropped = ("embedding_prompt", "stage_embedding_prompt")  # its settings, provenance and log
+        meta = {key: value for key, value in meta.items() if not key.startswith(dropped)}
+        meta["format_version"] = 1
+    path = save_checkpoint(args.out, meta, generator, surrogate, half=True, embedding_prompt=embedding_prompt)
+    stages = ", ".join(f"{key}: {value}" for key, value in meta.items() if key.startswith("stage_"))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, float16): {stages}")
 
 
 if __name__ == "__main__":

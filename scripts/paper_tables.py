@@ -285,6 +285,8 @@ def plan_runs(args: argparse.Namespace, rows: Sequence[str]) -> Dict[Tuple[str, 
     counts = args.counts if args.table == "label-efficiency" else ["all"]
     runs: Dict[Tuple[str, str], Run] = {}
     base = base_config(args)
+    # the papers' AutoSAM: g alone gives SAM its prompt (vps's second prompt generator is MODEL_CARD.md's)
+    paper_autosam = [override("model.embedding_prompt", None)] if base["model"].get("embedding_prompt") else []
     seed = int(base["data"].get("split_seed", 0))
     train_samples, val_samples = split_images(base) if args.table == "label-efficiency" else ([], [])
     args.counts_used = {"all": len(train_samples)}
@@ -307,7 +309,7 @@ def plan_runs(args: argparse.Namespace, rows: Sequence[str]) -> Dict[Tuple[str, 
             if kind == "autosam" and args.autosam_model is not None:
                 runs[kind, count] = given_autosam_run(args, f"{tag}-autosam")
             elif kind == "autosam":
-                runs[kind, count] = make_run(f"{tag}-autosam", autosam_config, data, args)
+                runs[kind, count] = make_run(f"{tag}-autosam", autosam_config, paper_autosam + data, args)
             else:
                 runs[kind, count] = make_run(f"{tag}-{kind}", head_config,
                                              [override("model.head", {"type": kind}), *data], args)

@@ -48,7 +48,8 @@ DEFAULT_DATA = [SHARED / "cvc-clinicdb-video", SHARED / "kvasir-seg"]
 METHODS = ["AutoSAM", "Light-h(g(I))", "LiteMedSAM-GT-box"]
 # AutoSAM's inference options (MODEL_CARD.md): a checkpoint that turns them on is also scored without each, and
 # without all of them ("AutoSAM-plain": g and SAM as trained)
-INFERENCE_OPTIONS = {"box_refinement": "AutoSAM-no-box-refinement", "flip_tta": "AutoSAM-no-flip-tta"}
+INFERENCE_OPTIONS = {"box_refinement": "AutoSAM-no-box-refinement", "flip_tta": "AutoSAM-no-flip-tta",
+                     "embedding_prompt": "AutoSAM-no-embedding-prompt"}
 PLAIN = "AutoSAM-plain"
 # --prompt-baselines: the AutoSAM paper's other SAM references (vps/modeling/prompts.py), method -> baseline
 PROMPT_BASELINES = {"LiteMedSAM-GT-boxes": "gt_boxes", "LiteMedSAM-GT-points": "gt_points",
@@ -56,13 +57,23 @@ PROMPT_BASELINES = {"LiteMedSAM-GT-boxes": "gt_boxes", "LiteMedSAM-GT-points": "
 
 
 def inference_options(autosam: AutoSAM) -> Dict[str, bool]:
-    """A loaded AutoSAM's inference options, in the checkpoint header's form."""
-    return {option: getattr(autosam, option) for option in INFERENCE_OPTIONS}
+    """A loaded AutoSAM's inference options, on or off."""
+    return {option: getattr(autosam, option) is not None if option == "embedding_prompt" else getattr(autosam, option)
+            for option in INFERENCE_OPTIONS}
+
+
+def variant(autosam: AutoSAM, options: Dict[str, bool]) -> AutoSAM:
+    """``autosam`` (same SAM, g and embedding prompt head) with its inference options set to ``options``."""
+    mixed = options["embedding_prompt"] and autosam.embedding_prompt is not None
+    return AutoSAM(autosam.sam, autosam.prompt_generator, box_refinement=options["box_refinement"],
+                   flip_tta=options["flip_tta"], embedding_prompt=autosam.embedding_prompt if mixed else None,
+                   embedding_prompt_weight=autosam.embedding_prompt_weight if mixed else 0.0)
 
 
 def ablations(settings: Dict) -> Dict[str, Dict[str, bool]]:
     """The AutoSAM variants scored beside a model whose inference options are ``settings`` (a checkpoint header,
-    or :func:`inference_options`): each option that is on turned off alone, then all off; name -> AutoSAM's options."""
+    or :func:`inference_options`): each option that is on turned off alone, then all off; name -> AutoSAM's options.
+    Without the embedding prompt, a checkpoint's model is the one it was built on (stage embedding_prompt)."""
     on = {option: bool(settings.get(option)) for option in INFERENCE_OPTIONS}
     variants = {name: {**on, option: False} for option, name in INFERENCE_OPTIONS.items() if on[option]}
     if sum(on.values()) > 1:
@@ -79,7 +90,7 @@ def write_maps(args: argparse.Namespace, positives: List[Sample], crops: List[Sa
     embed = WindowEmbeddings(sam, EmbeddingCache(args.cache_dir.expanduser(), sam.backend) if args.cache_dir else None)
     models = [ModelMethod("AutoSAM", autosam), ModelMethod("Light-h(g(I))", light)]
     for name, options in ablations(inference_options(autosam)).items():
-        models.append(ModelMethod(name, AutoSAM(sam, autosam.prompt_generator, **options)))
+        models.append(ModelMethod(name, variant(autosam, options)))
     prompted = [PromptMethod(method, sam, baseline, models[0])
                 for method, baseline in {"LiteMedSAM-GT-box": "gt_box", **PROMPT_BASELINES}.items() if method in methods]
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())

@@ -105,16 +105,28 @@ def test_exported_backends_run_an_inference_option_like_eager(backend, option):
     assert np.abs(without.predict(frames) - eager).max() > 1e-3  # the option changed something
 
 
-def test_validate_model_scores_the_model_without_each_option_and_without_both():
+def test_validate_model_scores_the_model_without_each_option_and_without_all():
     script = Path(__file__).resolve().parent.parent / "scripts" / "validate_model.py"
     spec = importlib.util.spec_from_file_location("validate_model", script)
     validate_model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(validate_model)
+    off = {"box_refinement": False, "flip_tta": False, "embedding_prompt": False}
     both = validate_model.ablations({"box_refinement": True, "flip_tta": True})
-    assert both == {"AutoSAM-no-box-refinement": {"box_refinement": False, "flip_tta": True},
-                    "AutoSAM-no-flip-tta": {"box_refinement": True, "flip_tta": False},
-                    "AutoSAM-plain": {"box_refinement": False, "flip_tta": False}}
-    assert validate_model.ablations({"flip_tta": True}) == {"AutoSAM-no-flip-tta": {"box_refinement": False,
-                                                                                    "flip_tta": False}}
+    assert both == {"AutoSAM-no-box-refinement": {**off, "flip_tta": True},
+                    "AutoSAM-no-flip-tta": {**off, "box_refinement": True},
+                    "AutoSAM-plain": off}
+    assert validate_model.ablations({"flip_tta": True}) == {"AutoSAM-no-flip-tta": off}
     assert validate_model.ablations({}) == {}
-    assert validate_model.inference_options(flipping_tiny_autosam()) == {"box_refinement": False, "flip_tta": True}
+    assert validate_model.inference_options(flipping_tiny_autosam()) == {**off, "flip_tta": True}
+    # a checkpoint header holds the embedding prompt head's settings: on; without it, the model it was built on
+    header = {"box_refinement": True, "flip_tta": True, "embedding_prompt": {"weight": 0.3}}
+    assert validate_model.ablations(header)["AutoSAM-no-embedding-prompt"] == {**off, "box_refinement": True,
+                                                                               "flip_tta": True}
+    from test_embedding_prompt import mixing_autosam
+
+    mixed = mixing_autosam(0.3, flip_tta=True)
+    assert validate_model.inference_options(mixed) == {**off, "flip_tta": True, "embedding_prompt": True}
+    alone = validate_model.variant(mixed, {**off, "flip_tta": True})
+    assert alone.embedding_prompt is None and alone.flip_tta and alone.prompt_generator is mixed.prompt_generator
+    kept = validate_model.variant(mixed, {**off, "embedding_prompt": True})
+    assert kept.embedding_prompt is mixed.embedding_prompt and kept.embedding_prompt_weight == 0.3

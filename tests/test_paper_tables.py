@@ -139,6 +139,21 @@ def test_epochs_of_one_head_override_the_heads_epochs(tmp_path, capsys):
     assert "--epochs: the stages are g, h and head (or one head: vit, cnn, linear)" in capsys.readouterr().err
 
 
+def test_the_autosam_row_is_the_papers_without_the_embedding_prompt(tmp_path, capsys):
+    train, test = write_nuclei(tmp_path / "train", 5, seed=0), write_nuclei(tmp_path / "test", 2, seed=1)
+    autosam, head = tiny_configs(tmp_path, train)
+    config = yaml.safe_load(autosam.read_text())
+    config["model"]["embedding_prompt"] = {"hidden_channels": 16, "dilations": [1], "weight": 0.5}
+    config["train_embedding_prompt"] = dict(config["train_g"])
+    autosam.write_text(yaml.safe_dump(config))
+    code, out, err = run_in_process(capsys, "--table", "monuseg", "--rows", "g", "--runs", tmp_path / "runs",
+                                    "--cache-dir", tmp_path / "cache", "--train", train, "--test", test,
+                                    "--autosam-config", autosam, "--head-config", head, "--dry-run")
+    assert code == 0, err
+    assert dict(re.findall(r"run monuseg-(\w+)-[0-9a-f]{10}: train; (.*) epochs", out)) == {"autosam": "g 1, h 1"}
+    assert "model.embedding_prompt=null" in out
+
+
 def test_table_has_every_row_with_vps_eval_numbers(monuseg):
     folder, out = monuseg["folder"], monuseg["first"].stdout
     rows = table_lines(out)

@@ -273,6 +273,7 @@ def test_usage_errors(tmp_path, capsys, checkpoint, monkeypatch):
     (["--out", "m.mp4", "--batch-size", "two"], "argument --batch-size: invalid int value: 'two'"),
     (["--out", "m.mp4", "--stills"], "--stills writes probability maps only"),
     (["--png-dir", "P", "--stills", "--smooth", "3"], "--smooth works across the frames of a video"),
+    (["--out", "m.mp4", "--embedding-prompt"], "the embedding prompt head adds to AutoSAM's dense prompt"),
 ])
 def test_option_errors_are_one_line(tmp_path, capsys, checkpoint, monkeypatch, options, pattern):
     folder = make_frame_folder(tmp_path / "frames", ["1.png", "2.png"])

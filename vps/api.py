@@ -34,7 +34,7 @@ from vps.video import Clip, FrameSource, Prefetcher, open_clip
 
 def load_model(checkpoint: Optional[str | Path] = None, model: str = "autosam", sam_backend: Optional[str] = None,
                sam_checkpoint: Optional[str | Path] = None, box_refinement: Optional[bool] = None,
-               flip_tta: Optional[bool] = None) -> nn.Module:
+               flip_tta: Optional[bool] = None, embedding_prompt: Optional[bool] = None) -> nn.Module:
     """AutoSAM (``model="autosam"``) or the light model (``"light"``) from a g/h checkpoint, or the frozen SAM with
     a prompt-free head (``"head"``) from a head checkpoint.
 
@@ -48,7 +48,7 @@ def load_model(checkpoint: Optional[str | Path] = None, model: str = "autosam", 
                                   "(Python: Segmenter(checkpoint=FILE))")
     return modeling.load_model_from_checkpoint(checkpoint, model=model, sam_backend=sam_backend,
                                                sam_checkpoint=sam_checkpoint, box_refinement=box_refinement,
-                                               flip_tta=flip_tta)
+                                               flip_tta=flip_tta, embedding_prompt=embedding_prompt)
 
 
 def default_batch_size(model: nn.Module, device: torch.device) -> int:
@@ -135,6 +135,8 @@ class Segmenter:
         components (``vps.modeling.AutoSAM``); None: the checkpoint's setting (the built-in model's is on).
       flip_tta: AutoSAM's dense prompt averaged with g's prompt for the mirrored frame (``vps.modeling.AutoSAM``);
         None: the checkpoint's setting (the built-in model's is on).
+      embedding_prompt: mix the checkpoint's second prompt generator, on SAM's embedding, into g's prompt
+        (``vps.modeling.AutoSAM``); None: when the checkpoint has one, False: g's prompt alone.
 
     Any frame size works: frames are resized to the model's input on the device and the
     probabilities upsampled back to the frame's size. Raises ValueError (CheckpointError for a
@@ -145,7 +147,7 @@ class Segmenter:
                  device: str | torch.device = "auto", precision: str = "auto", batch_size: Optional[int] = None,
                  sam_backend: Optional[str] = None, sam_checkpoint: Optional[str | Path] = None,
                  tile: Optional[int] = None, backend: str = "auto", box_refinement: Optional[bool] = None,
-                 flip_tta: Optional[bool] = None) -> None:
+                 flip_tta: Optional[bool] = None, embedding_prompt: Optional[bool] = None) -> None:
         self.device = resolve_device(str(device))
         self.precision = resolve_precision(precision, self.device)
         autocast_dtype(self.precision, self.device)  # an unknown or impossible precision fails before loading
@@ -153,13 +155,15 @@ class Segmenter:
             check_backend(backend, self.device, backend_precision(backend, self.precision, precision))
         check_batch_size(batch_size)
         if isinstance(model, nn.Module):
-            loading = (checkpoint, sam_backend, sam_checkpoint, box_refinement, flip_tta)
+            loading = (checkpoint, sam_backend, sam_checkpoint, box_refinement, flip_tta, embedding_prompt)
             if any(setting is not None for setting in loading):
                 raise ValueError("a built model is used as is: give checkpoint, sam_backend, sam_checkpoint, "
-                                 "box_refinement and flip_tta only with model='autosam', 'light' or 'head'")
+                                 "box_refinement, flip_tta and embedding_prompt only with model='autosam', 'light' "
+                                 "or 'head'")
             network = model
         else:
-            network = load_model(checkpoint, model, sam_backend, sam_checkpoint, box_refinement, flip_tta)
+            network = load_model(checkpoint, model, sam_backend, sam_checkpoint, box_refinement, flip_tta,
+                                 embedding_prompt)
         self.batch_size = batch_size or default_batch_size(network, self.device)
         self.engine = build_engine(network, self.device, self.precision, precision, backend, self.batch_size, tile)
         self.model = self.engine.model

@@ -46,7 +46,8 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override '{override}': cannot parse value '{raw}'") from None
-        if isinstance(node.get(keys[-1]), dict) and not isinstance(value, dict):
+        if isinstance(node.get(keys[-1]), dict) and not isinstance(value, dict) and not (
+                value is None and dotted in OPTIONAL_SECTIONS):  # null turns an optional section off
             raise ConfigError(f"override '{override}': '{dotted}' is a section, not a value; set one of its keys "
                               f"({', '.join(f'{dotted}.{k}' for k in node[keys[-1]])})")
         node[keys[-1]] = value
@@ -115,6 +116,10 @@ KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "fraction": (lambda v: _as_float(v) is not None and 0 <= _as_float(v) < 1, "a number in [0, 1)"),
     "share": (lambda v: _as_float(v) is not None and 0 <= _as_float(v) <= 1, "a number in [0, 1]"),
     "schedule": (lambda v: v in ("constant", "cosine"), "constant or cosine"),
+    "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
+    "ints>=1": (lambda v: isinstance(v, list) and len(v) > 0 and all(_is_int(x) and x >= 1 for x in v),
+                "a non-empty list of integers >= 1"),
+    "share>0": (lambda v: _as_float(v) is not None and 0 < _as_float(v) <= 1, "a number in (0, 1]"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "str?": (lambda v: v is None or (isinstance(v, str) and v != ""), "a path or null"),
@@ -138,12 +143,12 @@ KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "decay?": (lambda v: v is None or (_as_float(v) is not None and 0 < _as_float(v) < 1),
                "null or a number in (0, 1)"),
 }
-FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share", "minutes?", "decay?")
+FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share", "share>0", "minutes?", "decay?")
 
 _STAGE_SCHEMA = {"epochs": ("int>=1", True), "batch_size": ("int>=1", True), "lr": ("float>0", True),
                  "weight_decay": ("float>=0", True), "schedule": ("schedule", False),
                  "warmup_epochs": ("int>=0", False), "min_lr": ("float>=0", False), "max_minutes": ("minutes?", False),
-                 "ema_decay": ("decay?", False)}
+                 "ema_decay": ("decay?", False), "optimizer": ("optimizer", False)}
 SCHEMA: Dict[str, Tuple[str, bool]] = {
     "model": ("section", True),
     "model.sam": ("section", True),
@@ -192,10 +197,16 @@ AUTOSAM_G_SCHEMA: Dict[str, Tuple[str, bool]] = {
     "model.surrogate": ("section?", False),
     "model.box_refinement": ("bool", False),
     "model.flip_tta": ("bool", False),
+    "model.embedding_prompt": ("section?", False),
+    "model.embedding_prompt.hidden_channels": ("int>=1", False),
+    "model.embedding_prompt.dilations": ("ints>=1", False),
+    "model.embedding_prompt.weight": ("share>0", False),
     "train_g": ("section", True),
     **{f"train_g.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
     "train_h": ("section", True),
     **{f"train_h.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
+    "train_embedding_prompt": ("section?", False),
+    **{f"train_embedding_prompt.{key}": rule for key, rule in _STAGE_SCHEMA.items()},
 }
 HEAD_SCHEMA: Dict[str, Tuple[str, bool]] = {
     "train_head": ("section", True),
@@ -204,6 +215,8 @@ HEAD_SCHEMA: Dict[str, Tuple[str, bool]] = {
 # The settings an override may add where a config file leaves them to their defaults (a typo is still an error).
 SETTABLE = frozenset(key for schema in (SCHEMA, AUTOSAM_G_SCHEMA, HEAD_SCHEMA)
                      for key, (kind, _) in schema.items() if not kind.startswith("section"))
+OPTIONAL_SECTIONS = frozenset(key for schema in (SCHEMA, AUTOSAM_G_SCHEMA, HEAD_SCHEMA)
+                              for key, (kind, _) in schema.items() if kind == "section?")
 
 
 def head_type(config: Dict[str, Any]) -> str:
@@ -216,10 +229,20 @@ def class_names(config: Dict[str, Any]) -> list:
     return [str(name) for name in (_lookup(config, "data.classes") or [])]
 
 
+def has_embedding_prompt(config: Dict[str, Any]) -> bool:
+    """Whether an AutoSAM config adds the embedding prompt head (a ``model.embedding_prompt`` section)."""
+    return head_type(config) == "autosam_g" and isinstance(_lookup(config, "model.embedding_prompt"), dict)
+
+
 def training_stages(config: Dict[str, Any], requested: str = "all") -> Tuple[str, ...]:
-    """The stages ``vps-train --stage requested`` runs: g and/or h for AutoSAM, ``head`` for a prompt-free head."""
+    """The stages ``vps-train --stage requested`` runs: g, the embedding prompt head (when the config has
+    ``model.embedding_prompt``) and h for AutoSAM, ``head`` for a prompt-free head."""
     if head_type(config) == "autosam_g":
-        return ("g", "h") if requested == "all" else (requested,)
+        if requested == "embedding_prompt" and not has_embedding_prompt(config):
+            raise ConfigError("--stage embedding_prompt: the config has no model.embedding_prompt section")
+        if requested != "all":
+            return (requested,)
+        return ("g", "embedding_prompt", "h") if has_embedding_prompt(config) else ("g", "h")
     if requested not in ("all", "head"):
         raise ConfigError(f"--stage {requested}: this config trains a prompt-free {head_type(config)} head in one "
                           "stage; use --stage all")
@@ -268,6 +291,16 @@ def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
                           "or data.negatives")
     if _lookup(config, "data.random_crop") and _lookup(config, "data.negatives"):
         raise ConfigError("data.random_crop and data.negatives both cut crops; use one of them")
+    if has_embedding_prompt(config) and not isinstance(config.get("train_embedding_prompt"), dict):
+        raise ConfigError("train_embedding_prompt is missing from the config (model.embedding_prompt is trained in "
+                          "its own stage; it must be a section of key: value settings)")
+    if has_embedding_prompt(config):
+        from vps.modeling.build import embedding_prompt_settings
+
+        try:
+            embedding_prompt_settings(config["model"]["embedding_prompt"])
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if head_type(config) != "autosam_g":
         from vps.modeling.build_head import head_settings
 
@@ -282,8 +315,8 @@ def validate_config(config: Dict[str, Any]) -> Dict[str, Any]:
 # Resume: a run continues with its own resolved config (<run>/config.yaml), not with the config file given again.
 
 # Overrides that may change on resume; any other override must repeat the saved value.
-RESUME_MAY_CHANGE = ("train_g.epochs", "train_h.epochs", "train_head.epochs", "runtime", "cache.dir",
-                     "cache.validation")
+RESUME_MAY_CHANGE = ("train_g.epochs", "train_h.epochs", "train_head.epochs", "train_embedding_prompt.epochs",
+                     "runtime", "cache.dir", "cache.validation")
 
 
 def _lookup(config: Dict[str, Any], dotted: str) -> Any:
@@ -296,7 +329,7 @@ def _lookup(config: Dict[str, Any], dotted: str) -> Any:
 def resume_config(run_dir: str | Path, overrides: Iterable[str]) -> Dict[str, Any]:
     """The saved config of the run in ``run_dir`` with ``overrides`` applied, validated.
 
-    Only the epochs of either stage, ``runtime.*``, ``cache.dir`` and ``cache.validation`` may change: an override
+    Only the epochs of each stage, ``runtime.*``, ``cache.dir`` and ``cache.validation`` may change: an override
     that changes any other key (data, model, augmentation, cache views, learning rate, batch size, ...) is a
     ConfigError naming the key.
     """
@@ -313,6 +346,6 @@ def resume_config(run_dir: str | Path, overrides: Iterable[str]) -> Dict[str, An
             continue
         if _lookup(config, dotted) != _lookup(saved, dotted):
             raise ConfigError(f"--resume: {dotted} cannot change on resume (the run in {run_dir} has "
-                              f"{_lookup(saved, dotted)!r}); only {', '.join(RESUME_MAY_CHANGE[:3])}, runtime.*, "
+                              f"{_lookup(saved, dotted)!r}); only {', '.join(RESUME_MAY_CHANGE[:4])}, runtime.*, "
                               f"cache.dir and cache.validation may; start a new run with another --out")
     return config

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                        help="AutoSAM: average g's prompt with its prompt for the mirrored frame; SAM's encoder runs "
                             "once (default: the checkpoint's setting; on for the built-in model)")
+    model.add_argument("--embedding-prompt", action=argparse.BooleanOptionalAction, default=None,
+                       help="AutoSAM: mix the checkpoint's second prompt generator, on SAM's image embedding, into "
+                            "g's prompt (default: when the checkpoint has one)")
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -472,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
     segmenter = Segmenter(checkpoint=args.checkpoint, model=args.model, device=device, precision=args.precision,
                           batch_size=args.batch_size, sam_backend=args.sam, sam_checkpoint=args.sam_checkpoint,
                           tile=args.tile, backend=args.backend, box_refinement=args.box_refinement,
-                          flip_tta=args.flip_tta)
+                          flip_tta=args.flip_tta, embedding_prompt=args.embedding_prompt)
     totals = Totals()
     start = time.perf_counter()
     for clip, plan in mine:

@@ -27,17 +27,19 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         description="Train AutoSAM on image/mask pairs. Every run writes its resolved config, per-epoch "
                     "checkpoints, a CSV log and a PNG plot into --out.",
         epilog="Overrides: dotted.key=value, e.g. train_g.epochs=20 data.root=/data/TrainDataset cache.enabled=false. "
-               "--resume continues the run in --out with its saved config.yaml; there only train_g.epochs, "
-               "train_h.epochs, runtime.*, cache.dir and cache.validation may change. "
+               "--resume continues the run in --out with its saved config.yaml; there only the stages' epochs "
+               "(train_g.epochs, ...), runtime.*, cache.dir and cache.validation may change. "
                "Under torchrun every rank trains with DistributedDataParallel.",
     )
     parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
                         help="YAML config (default: the repository's configs/train/polyp_litemedsam.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings that replace the config's")
     parser.add_argument("--out", default=None, help="output folder (default runs/<config name>, in this folder)")
-    parser.add_argument("--stage", choices=["g", "h", "all"], default="all",
-                        help="g: prompt generator with frozen SAM; h: surrogate decoder on the trained g; all: both "
-                             "(a config with a prompt-free model.head trains it in one stage: all)")
+    parser.add_argument("--stage", choices=["g", "embedding_prompt", "h", "all"], default="all",
+                        help="g: prompt generator with frozen SAM; embedding_prompt: the second prompt generator on "
+                             "SAM's embedding (configs with model.embedding_prompt); h: surrogate decoder on the "
+                             "trained g; all: each in turn (a config with a prompt-free model.head trains it in one "
+                             "stage: all)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last finished epoch, with its saved config.yaml")
     args = parser.parse_intermixed_args(argv)  # overrides may also follow the options
@@ -75,27 +77,31 @@ def _finished_epochs(out: Path, stage: str) -> int:
 def prepare_resume(out: Path, config: Dict[str, Any], stages: Sequence[str], is_main: bool = True) -> None:
     """Checks the epochs against what the run has done and keeps model.pt consistent.
 
-    If stage g gets more epochs after stage h has run, that h was trained on the old g: its state is moved aside
-    (``h_last.stale.pt``, ``log_h.stale.csv``) so stage h starts again from scratch on the new g instead of
-    resuming (a resumed h would keep its old best score and might never write g + h into model.pt again).
+    If stage g gets more epochs after stage h (or the embedding prompt head) has run, that stage was trained on
+    (or chosen with) the old g: its state is moved aside (``h_last.stale.pt``, ``log_h.stale.csv``) so it starts
+    again from scratch on the new g instead of resuming (a resumed stage would keep its old best score and might
+    never write the new g and itself into model.pt again).
     """
     from vps.config import ConfigError
 
-    done = {stage: _finished_epochs(out, stage) for stage in ("g", "h", "head")}
+    done = {stage: _finished_epochs(out, stage) for stage in ("g", "embedding_prompt", "h", "head")}
     for stage in stages:
         epochs = config[f"train_{stage}"]["epochs"]
         if done[stage] > epochs:
             raise ConfigError(f"--resume: train_{stage}.epochs={epochs} is below the {done[stage]} epochs stage "
                               f"{stage} has already finished in {out}")
-    if "g" in stages and done["h"] and config["train_g"]["epochs"] > done["g"]:
+    for later in ("embedding_prompt", "h"):
+        if not ("g" in stages and done[later] and config["train_g"]["epochs"] > done["g"]):
+            continue
         if is_main:
-            for name in ("h_last.pt", "log_h.csv", "log_h.png"):
+            for name in (f"{later}_last.pt", f"log_{later}.csv", f"log_{later}.png"):
                 if (out / name).is_file():
                     stale = Path(name).stem + ".stale" + Path(name).suffix
                     (out / name).replace(out / stale)
-            rerun = "it is retrained in this run" if "h" in stages else "retrain it afterwards with --stage h --resume"
-            print(f"stage g continues to epoch {config['train_g']['epochs']}: stage h was trained on the old g, "
-                  f"so its state is moved to h_last.stale.pt and {rerun}", flush=True)
+            rerun = ("it is retrained in this run" if later in stages
+                     else f"retrain it afterwards with --stage {later} --resume")
+            print(f"stage g continues to epoch {config['train_g']['epochs']}: stage {later} was trained on the old "
+                  f"g, so its state is moved to {later}_last.stale.pt and {rerun}", flush=True)
 
 
 def training_samples(config: Dict[str, Any]) -> list:
@@ -126,7 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   "repository's configs/ folder); pass a config file")
             config = validate_config(apply_overrides(load_config(args.config), args.overrides))
         stages = training_stages(config, args.stage)
-        if not args.resume and any(s in stages and (out / f"{s}_last.pt").exists() for s in ("g", "head")):
+        if not args.resume and any(s in stages and (out / f"{s}_last.pt").exists()
+                                   for s in ("g", "embedding_prompt", "head")):
             raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if args.resume:
             prepare_resume(out, config, stages, is_main)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vps.modeling.embedding_prompt import EmbeddingPromptHead
 from vps.modeling.prompt_generator import PromptGenerator
 from vps.modeling.prompts import largest_component_boxes
 from vps.modeling.sam import FrozenSam
@@ -41,15 +42,25 @@ class AutoSAM(nn.Module):
 
     ``flip_tta``: the dense prompt is the mean of g on the images and on their mirror images (left-right), the
     second mirrored back; SAM's encoder still runs once. Inference only, like the box refinement.
+
+    ``embedding_prompt``: a second prompt generator on SAM's image embedding (``EmbeddingPromptHead``); the dense
+    prompt becomes ``(1 - embedding_prompt_weight) * g's + embedding_prompt_weight * its``. With ``flip_tta`` the
+    head's prompt is also averaged with its prompt for the mirrored embedding, mirrored back (the embedding is
+    mirrored, not re-encoded: the encoder still runs once).
     """
 
     def __init__(self, sam: FrozenSam, prompt_generator: PromptGenerator, box_refinement: bool = False,
-                 flip_tta: bool = False) -> None:
+                 flip_tta: bool = False, embedding_prompt: Optional[EmbeddingPromptHead] = None,
+                 embedding_prompt_weight: float = 0.0) -> None:
         super().__init__()
+        if embedding_prompt is not None and not 0 < embedding_prompt_weight <= 1:
+            raise ValueError(f"embedding_prompt_weight must be in (0, 1], got {embedding_prompt_weight}")
         self.sam = sam
         self.prompt_generator = prompt_generator
         self.box_refinement = box_refinement
         self.flip_tta = flip_tta
+        self.embedding_prompt = embedding_prompt
+        self.embedding_prompt_weight = float(embedding_prompt_weight) if embedding_prompt is not None else 0.0
 
     def low_res_logits(self, images: torch.Tensor, image_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
@@ -64,12 +75,25 @@ class AutoSAM(nn.Module):
 
     def first_pass(self, images: torch.Tensor, image_embeddings: Optional[torch.Tensor] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """g's dense prompt into SAM: (B x 1 x 256 x 256 mask logits, B x 256 x 64 x 64 image embeddings)."""
+        """g's dense prompt (mixed with the embedding prompt head's, when there is one) into SAM:
+        (B x 1 x 256 x 256 mask logits, B x 256 x 64 x 64 image embeddings)."""
         if image_embeddings is None:
             image_embeddings = self.sam.encode(images)
         prompt = self.dense_prompt(images)
         image_embeddings = image_embeddings.to(prompt.dtype)
+        if self.embedding_prompt is not None:
+            weight = self.embedding_prompt_weight
+            prompt = (1 - weight) * prompt + weight * self.embedding_dense_prompt(image_embeddings).to(prompt.dtype)
         return self.sam.decode(image_embeddings, prompt), image_embeddings
+
+    def embedding_dense_prompt(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """B x 256 x 64 x 64 image embeddings -> B x 256 x 64 x 64: the embedding prompt head's prompt, with
+        ``flip_tta`` averaged with its prompt for the mirrored embeddings (mirrored back), in one batch."""
+        if not self.flip_tta:
+            return self.embedding_prompt(image_embeddings)
+        both = torch.cat([image_embeddings, image_embeddings.flip(-1)])
+        direct, mirrored = self.embedding_prompt(both).chunk(2)
+        return (direct + mirrored.flip(-1)) / 2
 
     def dense_prompt(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W in [0, 1] -> B x 256 x 64 x 64: g's prompt, or with ``flip_tta`` the mean of g's prompts for

