@@ -12,6 +12,7 @@ from pathlib import Path
 import vps  # noqa: F401
 from vps.modeling import (build_embedding_prompt, build_prompt_generator, build_surrogate, read_checkpoint,
                           save_checkpoint)
+from vps.modeling.build import without_embedding_prompt
 
 
 def main() -> None:
@@ -52,9 +53,7 @@ def main() -> None:
         embedding_prompt = build_embedding_prompt(meta["embedding_prompt"])
         embedding_prompt.load_state_dict(payload["embedding_prompt"])
     elif "embedding_prompt" in meta:
-        dropped = ("embedding_prompt", "stage_embedding_prompt")  # its settings, provenance and log
-        meta = {key: value for key, value in meta.items() if not key.startswith(dropped)}
-        meta["format_version"] = 1
+        meta = without_embedding_prompt(meta)
     path = save_checkpoint(args.out, meta, generator, surrogate, half=True, embedding_prompt=embedding_prompt)
     stages = ", ".join(f"{key}: {value}" for key, value in meta.items() if key.startswith("stage_"))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, float16): {stages}")

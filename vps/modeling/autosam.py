@@ -21,6 +21,13 @@ REFINED_MIN_AREA = 32  # pixels of the 256 x 256 first mask (0.05 %): smaller sp
 BOX_CHUNK = 64
 
 
+def mirror_mean(network: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """The mean of ``network`` on ``inputs`` and on their left-right mirror images (that output mirrored back), in
+    one batch: AutoSAM's flip TTA."""
+    direct, mirrored = network(torch.cat([inputs, inputs.flip(-1)])).chunk(2)
+    return (direct + mirrored.flip(-1)) / 2
+
+
 def upsample_logits(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """B x K x h x w -> B x K x size, bilinear."""
     if logits.shape[-2:] == tuple(size):
@@ -91,17 +98,14 @@ class AutoSAM(nn.Module):
         ``flip_tta`` averaged with its prompt for the mirrored embeddings (mirrored back), in one batch."""
         if not self.flip_tta:
             return self.embedding_prompt(image_embeddings)
-        both = torch.cat([image_embeddings, image_embeddings.flip(-1)])
-        direct, mirrored = self.embedding_prompt(both).chunk(2)
-        return (direct + mirrored.flip(-1)) / 2
+        return mirror_mean(self.embedding_prompt, image_embeddings)
 
     def dense_prompt(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W in [0, 1] -> B x 256 x 64 x 64: g's prompt, or with ``flip_tta`` the mean of g's prompts for
         the images and their mirror images (mirrored back), in one batch."""
         if not self.flip_tta:
             return self.prompt_generator(images)
-        direct, mirrored = self.prompt_generator(torch.cat([images, images.flip(-1)])).chunk(2)
-        return (direct + mirrored.flip(-1)) / 2
+        return mirror_mean(self.prompt_generator, images)
 
     def refine_with_boxes(self, image_embeddings: torch.Tensor, logits: torch.Tensor,
                           decode_boxes: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None

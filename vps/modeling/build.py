@@ -170,19 +170,31 @@ def checkpoint_metadata(prompt_generator_config: Optional[Dict[str, Any]], sam_b
     if prompt_generator_config is not None:
         generator = {**DEFAULT_PROMPT_GENERATOR, **prompt_generator_config}
         generator.pop("backbone_weights", None)  # trained weights replace the ImageNet start
-    version = (EMBEDDING_PROMPT_FORMAT_VERSION if embedding_prompt is not None
-               else HEAD_FORMAT_VERSION if head is not None else 1)
-    return {
+    header = {
         "format": CHECKPOINT_FORMAT,
-        "format_version": version,
+        "format_version": HEAD_FORMAT_VERSION if head is not None else 1,
         "vps_version": __version__,
         "sam_backend": sam_backend,
         "prompt_generator": generator,
         "surrogate": surrogate_config,
         **({"head": head} if head is not None else {}),
-        **({"embedding_prompt": embedding_prompt_settings(embedding_prompt)} if embedding_prompt is not None else {}),
         **extra,
     }
+    return with_embedding_prompt(header, embedding_prompt) if embedding_prompt is not None else header
+
+
+def with_embedding_prompt(meta: Dict[str, Any], settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """An AutoSAM checkpoint header that also describes an embedding prompt head with ``settings`` (format 3)."""
+    return {**meta, "format_version": EMBEDDING_PROMPT_FORMAT_VERSION,
+            "embedding_prompt": embedding_prompt_settings(settings)}
+
+
+def without_embedding_prompt(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """An AutoSAM checkpoint header with no embedding prompt head: its settings, provenance
+    (``embedding_prompt_trained_on``) and log (``stage_embedding_prompt``) dropped; format 1, g and h only."""
+    dropped = ("embedding_prompt", "stage_embedding_prompt")
+    kept = {key: value for key, value in meta.items() if not key.startswith(dropped)}
+    return {**kept, "format_version": 1}
 
 
 def save_checkpoint(path: str | Path, metadata: Dict[str, Any], prompt_generator: Optional[nn.Module],
@@ -348,16 +360,17 @@ def _load_prompt_free(path: str | Path, payload: Dict[str, Any], model: str, sam
 def initial_weights(path: str | Path, sam_backend: str, prompt_generator_config: Dict[str, Any]
                     ) -> Dict[str, Dict[str, torch.Tensor]]:
     """The g (and h, and the embedding prompt head, when present) weights of a trained AutoSAM checkpoint, and its
-    header (``meta``), to start a training run from (``model.init_from``); ``builtin`` names the shipped model. Refused, naming both sides, when the checkpoint was
-    trained for another SAM or another g. g's input size may differ: its weights do not depend on it (a fine-tune
-    at a larger input, say)."""
+    header (``meta``), to start a training run from (``model.init_from``); ``builtin`` names the shipped model.
+    Refused, naming both sides, when the checkpoint was trained for another SAM or another g. g's input size may
+    differ: its weights do not depend on it (a fine-tune at a larger input, say)."""
     path = default_checkpoint_path() if str(path) == "builtin" else Path(path).expanduser()
     payload = read_checkpoint(path)
     if "prompt_generator" not in payload:
         raise CheckpointError(f"model.init_from: {path} holds a prompt-free head, not AutoSAM's g")
     check_compatible(payload["meta"], sam_backend, prompt_generator_config, str(path),
                      keys=("backbone", "out_indices", "decoder_channels"))
-    return {key: payload[key] for key in ("meta", "prompt_generator", "surrogate", "embedding_prompt") if key in payload}
+    parts = ("meta", "prompt_generator", "surrogate", "embedding_prompt")
+    return {key: payload[key] for key in parts if key in payload}
 
 
 def default_checkpoint_path() -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import math
 import os
 import random
@@ -28,8 +29,8 @@ from vps.config import ConfigError, class_names, save_config
 from vps.inference import autocast_dtype, resolve_device, resolve_precision
 from vps.modeling import (AutoSAM, build_embedding_prompt, build_prompt_generator, build_sam, build_surrogate,
                           checkpoint_metadata, save_checkpoint)
-from vps.modeling.build import (EMBEDDING_PROMPT_FORMAT_VERSION, embedding_prompt_settings, initial_weights,
-                                load_weights, read_checkpoint)
+from vps.modeling.build import (embedding_prompt_settings, initial_weights, load_weights, read_checkpoint,
+                                with_embedding_prompt, without_embedding_prompt)
 from vps.modeling.build_head import build_head, head_settings
 from vps.progress import Progress
 from vps.train.augment import AUGMENT_ON, BatchAugment, build_geometric, build_photometric
@@ -547,6 +548,14 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
             return batch["embedding"].to(runtime.device, dtype, non_blocking=True)
         return encode(batch["image"].to(runtime.device, non_blocking=True))
 
+    @functools.lru_cache(maxsize=None)
+    def autosam_datasets():
+        """The datasets of stages g and embedding_prompt (the same images at the same size), built and their cache
+        checked once, when the first of them runs."""
+        return cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
+                               loader_photometric, loader_geometric, runtime,
+                               dataset_image_size(sam, model_config["prompt_generator"].get("input_size")))
+
     if "head" in stages:
         settings_head = head_settings(model_config["head"])
         train_set, val_set = cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
@@ -563,9 +572,7 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
 
     if "g" in stages:
         generator_config = model_config["prompt_generator"]
-        train_set, val_set = cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
-                                             loader_photometric, loader_geometric, runtime,
-                                             dataset_image_size(sam, generator_config.get("input_size")))
+        train_set, val_set = autosam_datasets()
         generator = build_prompt_generator(generator_config, embedding_size=sam.embedding_shape[-1]).to(runtime.device)
         if "prompt_generator" in initial:
             load_weights(generator, initial["prompt_generator"], "prompt generator", f"model.init_from {init_from}")
@@ -586,12 +593,9 @@ def train(config: Dict[str, Any], out_dir: str | Path, stages=("g", "h"), resume
         runtime.barrier()
 
     if "embedding_prompt" in stages:
-        train_embedding_prompt(config, model_path, sam, initial, provenance, runtime, resume,
-                               cached_datasets(config, train_samples, val_samples, sam, sam_backend, sam_checkpoint,
-                                               loader_photometric, loader_geometric, runtime,
-                                               dataset_image_size(sam, model_config["prompt_generator"].get(
-                                                   "input_size"))),
-                               loaders, embeddings_of, uncached_encoder, device_augment(with_geometry=not cache_enabled))
+        train_embedding_prompt(config, model_path, sam, initial, provenance, runtime, resume, autosam_datasets(),
+                               loaders, embeddings_of, uncached_encoder,
+                               device_augment(with_geometry=not cache_enabled))
         runtime.barrier()
 
     if "h" in stages:
@@ -664,7 +668,7 @@ def train_embedding_prompt(config: Dict[str, Any], model_path: Path, sam, initia
         load_weights(head, initial["embedding_prompt"], "embedding prompt head",
                      f"model.init_from {model_config.get('init_from')}")
     head.to(runtime.device)
-    metadata = {**meta, "format_version": EMBEDDING_PROMPT_FORMAT_VERSION, "embedding_prompt": settings_prompt}
+    metadata = with_embedding_prompt(meta, settings_prompt)
     settings = config["train_embedding_prompt"]
     encode = uncached_encoder(settings)
 
@@ -692,10 +696,10 @@ def train_embedding_prompt(config: Dict[str, Any], model_path: Path, sam, initia
               "scores higher", flush=True)
     best = run_stage("embedding_prompt", head, forward, train_loader, val_loader, settings, runtime,
                      model_path.parent,
-                     lambda module: save_checkpoint(model_path, metadata, generator, surrogate, embedding_prompt=module),
+                     lambda module: save_checkpoint(model_path, metadata, generator, surrogate,
+                                                    embedding_prompt=module),
                      resume, starts_trained="embedding_prompt" in initial, augment=augment, validate=mixed)
     if runtime.is_main and best["dice"] <= alone_dice:
-        without = {key: value for key, value in meta.items() if not key.startswith("embedding_prompt")}
-        save_checkpoint(model_path, {**without, "format_version": 1}, generator, surrogate)
+        save_checkpoint(model_path, without_embedding_prompt(meta), generator, surrogate)
         print(f"embedding_prompt: no epoch's mix beat g alone ({best['dice']:.4f} <= {alone_dice:.4f}); model.pt "
               "keeps g without the head", flush=True)
