@@ -56,7 +56,7 @@ def time_steps(dataset, sam, generator, batch_size: int, dtype: Optional[torch.d
     for batch in loader:
         with autocast:
             if "embedding" in batch:
-                embeddings = batch["embedding"].to(dtype or torch.float32)
+                embeddings = batch["embedding"].float()  # as the trainer gives them to SAM's decoder
             else:
                 embeddings = (encode or sam.encode)(batch["image"])
             loss = dice_bce_loss(sam.decode(embeddings, generator(batch["image"])), batch["mask"])

@@ -514,6 +514,38 @@ def test_runtime_augment_on_device_trains_and_leaves_the_loader_items_plain(tmp_
         validate_config(apply_overrides(config, ["runtime.augment_on=gpu"]))
 
 
+def test_cached_embeddings_reach_sams_decoder_in_float32_under_bf16_autocast(tmp_path, monkeypatch):
+    # the decoder keeps embedding + prompt in the embedding's dtype; bfloat16 there slowed training (MODEL_CARD.md)
+    from vps.modeling.sam import FrozenSam
+
+    seen = []
+    real_decode = FrozenSam.decode
+
+    def spy(self, image_embeddings, dense_prompt):
+        seen.append(image_embeddings.dtype)
+        return real_decode(self, image_embeddings, dense_prompt)
+
+    monkeypatch.setattr(FrozenSam, "decode", spy)
+    data = write_clips(tmp_path / "data")
+    config = tiny_config(data, tmp_path / "cache", epochs=1)
+    config["runtime"]["precision"] = "bf16"
+    train(config, tmp_path / "run", stages=("g",))
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_schedule_by_step_sets_the_rate_at_every_batch(tmp_path):
+    data = write_clips(tmp_path / "data")
+    out = tmp_path / "run"
+    config = tiny_config(data, tmp_path / "cache", epochs=2)
+    config["train_g"].update(schedule="cosine", warmup_epochs=1, min_lr=0.0, schedule_by="step", lr=1e-3)
+    train(config, out, stages=("g",))
+    rows = [r.split(",") for r in (out / "log_g.csv").read_text().strip().splitlines()[1:]]
+    first, second = float(rows[0][1]), float(rows[1][1])
+    assert 0 < first < 1e-3 and second == pytest.approx(1e-3)  # warm-up from the first batch; its end at epoch 2
+    last = torch.load(out / "g_last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    assert 0 < last < 1e-3  # the last batch's rate, on the way down to min_lr
+
+
 def test_max_minutes_fits_the_epochs_after_the_first_and_a_resume_keeps_the_fit(tmp_path, capsys):
     data = write_clips(tmp_path / "data")
     out = tmp_path / "run"

@@ -117,6 +117,7 @@ def test_resume_accepts_epochs_and_repeated_values_and_needs_a_run(saved_run, tm
     ("cache.derived_views=[sideways]", "cache.derived_views must be null or a list of views"),
     ("cache.validation=3", "cache.validation must be true or false, got 3"),
     ("train_g.ema_decay=1", "train_g.ema_decay must be null or a number in (0, 1), got 1"),
+    ("train_g.schedule_by=batch", "train_g.schedule_by must be epoch or step, got 'batch'"),
     ("model.sam.backend=vit_x", "model.sam.backend must be one of"),
     ("data.root=[]", "data.root must be a folder or a non-empty list of folders"),
 ])

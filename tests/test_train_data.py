@@ -14,7 +14,7 @@ from vps.hardware import cpu_has_native_bf16
 from vps.modeling import read_checkpoint
 from vps.train.data import DataError, read_pair, split_sources
 from vps.train.negatives import NEGATIVE_SOURCE, find_polyp_free_box, polyp_free_crops
-from vps.train.trainer import learning_rate, setup_runtime, train
+from vps.train.trainer import learning_rate, learning_rate_depends_on_epochs, setup_runtime, train
 
 
 def write_stills(root, count: int = 6, sizes=((60, 44), (48, 40), (72, 50)), seed: int = 1):
@@ -97,6 +97,25 @@ def test_cosine_schedule_warms_up_decays_and_resumes_on_the_same_curve():
     assert learning_rate({"lr": 1e-3, "epochs": 10}, 7) == 1e-3
     with pytest.raises(ValueError, match="schedule"):
         learning_rate({**settings, "schedule": "step"}, 0)
+
+
+def test_cosine_schedule_by_step_warms_up_from_the_first_batch_and_decays_smoothly():
+    settings = {"lr": 1e-3, "epochs": 4, "schedule": "cosine", "warmup_epochs": 1, "min_lr": 0.0,
+                "schedule_by": "step"}
+    steps = 10
+    rates = [learning_rate(settings, epoch, step, steps) for epoch in range(4) for step in range(steps)]
+    assert rates[0] == pytest.approx(1e-4)  # the warm-up starts low, from the first batch
+    assert rates[:steps] == sorted(rates[:steps]) and rates[steps - 1] == pytest.approx(1e-3)
+    decay = rates[steps:]
+    assert decay[0] == pytest.approx(1e-3) and all(b < a for a, b in zip(decay, decay[1:]))
+    assert max(abs(b - a) for a, b in zip(decay, decay[1:])) < 1.5e-4  # no jump between epochs
+    assert decay[-1] < 0.01 * 1e-3  # near min_lr after the last batch
+    assert learning_rate({**settings, "schedule_by": "epoch"}, 3, 5, steps) == learning_rate(
+        {**settings, "schedule_by": "epoch"}, 3)  # by epoch: one rate per epoch, the last one min_lr
+    assert learning_rate_depends_on_epochs(settings, 1) and not learning_rate_depends_on_epochs(settings, 0)
+    assert not learning_rate_depends_on_epochs({**settings, "schedule_by": "epoch"}, 1)
+    with pytest.raises(ValueError, match="schedule_by"):
+        learning_rate({**settings, "schedule_by": "batch"}, 1, 0, steps)
 
 
 def test_auto_precision_in_training_follows_the_cpu(monkeypatch):

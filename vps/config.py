@@ -117,6 +117,7 @@ KINDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "share": (lambda v: _as_float(v) is not None and 0 <= _as_float(v) <= 1, "a number in [0, 1]"),
     "schedule": (lambda v: v in ("constant", "cosine"), "constant or cosine"),
     "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
+    "schedule_by": (lambda v: v in ("epoch", "step"), "epoch or step"),
     "ints>=1": (lambda v: isinstance(v, list) and len(v) > 0 and all(_is_int(x) and x >= 1 for x in v),
                 "a non-empty list of integers >= 1"),
     "share>0": (lambda v: _as_float(v) is not None and 0 < _as_float(v) <= 1, "a number in (0, 1]"),
@@ -147,7 +148,8 @@ FLOAT_KINDS = ("float>0", "float>=0", "fraction", "share", "share>0", "minutes?"
 
 _STAGE_SCHEMA = {"epochs": ("int>=1", True), "batch_size": ("int>=1", True), "lr": ("float>0", True),
                  "weight_decay": ("float>=0", True), "schedule": ("schedule", False),
-                 "warmup_epochs": ("int>=0", False), "min_lr": ("float>=0", False), "max_minutes": ("minutes?", False),
+                 "warmup_epochs": ("int>=0", False), "min_lr": ("float>=0", False),
+                 "schedule_by": ("schedule_by", False), "max_minutes": ("minutes?", False),
                  "ema_decay": ("decay?", False), "optimizer": ("optimizer", False)}
 SCHEMA: Dict[str, Tuple[str, bool]] = {
     "model": ("section", True),
